@@ -1,0 +1,33 @@
+"""qtune: QLoRA fine-tuning from one validated recipe.
+
+Importing qtune stays light (no torch) so that `qtune validate` answers at once.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def train(recipe, *, overrides=(), resume: bool = False, overwrite: bool = False) -> dict:
+    """Fine-tune from a recipe (a path to YAML, a dict or a `Recipe`); returns the run's metrics.
+
+    >>> import qtune
+    >>> metrics = qtune.train("recipes/demo.yaml", overrides=["train.max_steps=20"])
+    """
+    from qtune.finetune import run
+    from qtune.recipe import Recipe, load_recipe, validate_recipe, apply_override
+
+    if isinstance(recipe, Recipe):
+        if overrides:
+            raw = recipe.model_dump()
+            for override in overrides:
+                apply_override(raw, override)
+            recipe = validate_recipe(raw)
+    elif isinstance(recipe, dict):
+        raw = dict(recipe)
+        for override in overrides:
+            apply_override(raw, override)
+        recipe = validate_recipe(raw)
+    else:
+        recipe = load_recipe(recipe, overrides)
+    return run(recipe, resume=resume, overwrite=overwrite)

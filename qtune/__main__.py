@@ -1,0 +1,3 @@
+from qtune.cli import entry_point
+
+entry_point()

@@ -1,0 +1,116 @@
+"""Command line: parse arguments, call the stage functions, turn user errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qtune.errors import EXIT_RECIPE, QtuneError
+
+USAGE_EXAMPLES = """examples:
+  qtune validate recipes/demo.yaml
+  qtune train recipes/demo.yaml --set train.max_steps=50
+  qtune train recipes/llama-7b-alpaca.yaml --resume
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # usage mistakes go through the same one-line path as the rest
+        raise QtuneError(message, fix=f"see '{self.prog} --help'", code=EXIT_RECIPE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="qtune", description="QLoRA fine-tuning from a recipe.", epilog=USAGE_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    validate = commands.add_parser("validate", help="check a recipe (fast, loads nothing)")
+    validate.add_argument("recipe")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    train = commands.add_parser("train", help="fine-tune with QLoRA")
+    train.add_argument("recipe")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    train.add_argument("--overwrite", action="store_true", help="delete an existing train.output_dir and start over")
+
+    tiny = commands.add_parser("make-tiny-model", help="build a small random model + tokenizer locally (demo, tests)")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
+    return parser
+
+
+def cmd_validate(args) -> int:
+    from qtune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    steps = f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs"
+    print(
+        f"ok: {args.recipe}: {recipe.model.name} in {recipe.quant.type}, LoRA r={recipe.lora.r}, "
+        f"{len(recipe.data.datasets)} dataset(s), {steps} -> {recipe.train.output_dir}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from qtune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # recipe mistakes surface before torch is imported
+    quiet_library_noise()
+    from qtune.finetune import run
+
+    run(recipe, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    quiet_library_noise()
+    from qtune.tiny_models import write_demo_data, write_tiny_model
+
+    out = write_tiny_model(args.out_dir, args.family, seed=args.seed)
+    print(f"tiny {args.family} model written to {out}")
+    if args.demo_data:
+        print(f"demo data written to {write_demo_data(args.demo_data, seed=args.seed)}")
+    return 0
+
+
+def quiet_library_noise() -> None:
+    """Silence what users cannot act on; real warnings still show."""
+    import logging
+    import warnings
+
+    # bitsandbytes looks for an optional hub-hosted CPU kernel on every import and logs its absence.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "make-tiny-model": cmd_make_tiny_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except QtuneError as error:
+        if debug:
+            raise
+        print(f"qtune: error: {error.line()}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        print("qtune: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

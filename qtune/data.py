@@ -1,0 +1,379 @@
+"""Datasets -> tokenized rows with labels, checked before any model is loaded.
+
+Every format ends as `input_ids` + `labels` (-100 where no loss is taken), so trl's
+SFTTrainer gets pre-tokenized data and the masking is ours to check: prompts and user
+turns masked unless `train_on_inputs`, EOS / end-of-turn supervised so the model learns
+to stop, truncation counted, and rows left with nothing to learn dropped and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qtune.errors import DataError, EnvironmentProblem, RecipeError
+from qtune.recipe import DataSection, DatasetSpec
+
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+# Stanford Alpaca's prompt, as axolotl and the alpaca-lora scripts use it.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+FORMAT_COLUMNS = {
+    "alpaca": (["instruction", "output"], ["input"]),
+    "prompt_completion": (["prompt", "completion"], []),
+    "messages": (["messages"], []),
+    "sharegpt": (["conversations"], []),
+    "text": (["text"], []),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "bot": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class TokenizedSplit:
+    input_ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+
+    def to_dataset(self):
+        from datasets import Dataset
+
+        return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset
+    val: Any | None
+    report: dict
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+def read_rows(spec: DatasetSpec) -> list[dict]:
+    """Rows of one dataset source as plain dicts."""
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(f"folder has no .json/.jsonl/.csv/.parquet files: {spec.path}", fix="point at a data file")
+        return [row for f in files for row in read_local_file(f)]
+    if path.is_file():
+        return read_local_file(path)
+    if looks_local(spec.path):
+        raise DataError(f"dataset file not found: {spec.path}", fix="check the path (relative paths start at the current folder)")
+    return read_hub_dataset(spec)
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_SUFFIXES or path.count("/") > 1
+
+
+def read_local_file(path: Path) -> list[dict]:
+    kind = LOCAL_SUFFIXES.get(path.suffix)
+    if kind is None:
+        raise DataError(f"unsupported data file type '{path.suffix}': {path}", fix="use .json, .jsonl, .csv or .parquet")
+    if kind in ("csv", "parquet"):
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, keep_default_na=False) if kind == "csv" else pd.read_parquet(path)
+        except UnicodeDecodeError as e:
+            raise DataError(f"file is not UTF-8 text (byte {e.start})", where=str(path), fix="re-save it as UTF-8") from None
+        except Exception as e:  # pandas raises many types for a broken file
+            raise DataError(f"cannot read {kind} file: {str(e).splitlines()[0]}", where=str(path)) from None
+        return frame.to_dict(orient="records")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"file is not UTF-8 text (line {line}, byte {e.start})", where=str(path), fix="re-save it as UTF-8") from None
+    if kind == "json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", where=str(path), fix="fix that line") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"item {bad} of the JSON list is not an object", where=str(path))
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON on line {number}: {e.msg}", where=str(path), fix="fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"line {number} is not a JSON object", where=str(path), fix="one object per line")
+        rows.append(row)
+    return rows
+
+
+def read_hub_dataset(spec: DatasetSpec) -> list[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise EnvironmentProblem(
+            f"cannot load Hub dataset '{spec.path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            fix="check the id and your network (HF_DATASETS_OFFLINE=1 blocks downloads), or use a local file",
+        ) from None
+    except ValueError as e:  # unknown split / config
+        raise DataError(f"Hub dataset '{spec.path}': {str(e).splitlines()[0]}", fix="check data split / name") from None
+    return dataset.to_list()
+
+
+# --------------------------------------------------------------------------- rows -> samples
+
+
+def normalize_rows(rows: list[dict], spec: DatasetSpec) -> list[dict]:
+    """Rename the user's columns, check them, and turn each row into one of three shapes:
+    {prompt, completion}, {messages} or {text}."""
+    where = spec.path
+    if not rows:
+        raise DataError(f"dataset is empty: {where}", fix="add rows or remove it from data.datasets")
+    required, optional = FORMAT_COLUMNS[spec.format]
+    unknown_targets = set(spec.columns) - set(required) - set(optional)
+    if unknown_targets:
+        raise RecipeError(
+            f"data.datasets columns maps unknown name(s) {sorted(unknown_targets)} for format {spec.format}",
+            fix=f"the {spec.format} format uses {required + optional}",
+        )
+    source = {name: spec.columns.get(name, name) for name in required + optional}
+    present = set(rows[0])
+    for name in required:
+        if source[name] not in present:
+            raise DataError(
+                f"column '{source[name]}' missing for format {spec.format}; the data has {sorted(present)}",
+                where=where,
+                fix=f"map yours with columns: {{{name}: <your column>}}" if source[name] == name else "check data.datasets columns",
+            )
+    samples = []
+    for index, row in enumerate(rows):
+        get = lambda name: row.get(source[name])  # noqa: E731
+        at = f"{where}, row {index + 1}"
+        if spec.format == "alpaca":
+            instruction, output, extra = get("instruction"), get("output"), get("input") or ""
+            check_text(instruction, "instruction", at)
+            check_text(output, "output", at)
+            check_text(extra, "input", at)
+            template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
+            samples.append({"prompt": template.format(instruction=instruction, input=extra), "completion": output})
+        elif spec.format == "prompt_completion":
+            prompt, completion = get("prompt"), get("completion")
+            check_text(prompt, "prompt", at)
+            check_text(completion, "completion", at)
+            samples.append({"prompt": prompt, "completion": completion})
+        elif spec.format == "messages":
+            samples.append({"messages": check_messages(get("messages"), at, "role", "content", None)})
+        elif spec.format == "sharegpt":
+            samples.append({"messages": check_messages(get("conversations"), at, "from", "value", SHAREGPT_ROLES)})
+        else:
+            text = get("text")
+            check_text(text, "text", at)
+            samples.append({"text": text})
+    return samples
+
+
+def check_text(value, column: str, at: str) -> None:
+    if not isinstance(value, str):
+        raise DataError(f"'{column}' is {type(value).__name__}, expected text", where=at, fix="fix or remove that row")
+
+
+def check_messages(turns, at: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError("conversation is not a non-empty list of turns", where=at, fix="fix or remove that row")
+    messages = []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise DataError(f"turn {number} needs '{role_key}' and '{content_key}'", where=at)
+        role = turn[role_key]
+        role = role_map.get(role, role) if role_map else role
+        if role not in CHAT_ROLES:
+            raise DataError(f"turn {number} has unknown role {turn[role_key]!r}", where=at, fix=f"use one of {sorted(CHAT_ROLES)}")
+        check_text(turn[content_key], f"turn {number} {content_key}", at)
+        messages.append({"role": role, "content": turn[content_key]})
+    return messages
+
+
+# --------------------------------------------------------------------------- samples -> tokens
+
+
+def resolve_chat_template(data: DataSection, tokenizer) -> str | None:
+    if data.chat_template == "chatml":
+        return CHATML
+    return data.chat_template or getattr(tokenizer, "chat_template", None)
+
+
+def tokenize_sample(sample: dict, tokenizer, *, train_on_inputs: bool, render: Callable | None) -> tuple[list[int], list[int]]:
+    """One sample -> (input_ids, labels) before truncation."""
+    eos = tokenizer.eos_token_id
+    if "text" in sample:
+        ids = tokenizer(sample["text"]).input_ids
+        if not ids or ids[-1] != eos:
+            ids = ids + [eos]
+        return ids, list(ids)
+    if "prompt" in sample:
+        # Tokenized apart so the boundary is exact; EOS ends the completion so the model learns to stop.
+        prompt_ids = tokenizer(sample["prompt"]).input_ids
+        completion_ids = tokenizer(sample["completion"], add_special_tokens=False).input_ids + [eos]
+        ids = prompt_ids + completion_ids
+        labels = list(ids) if train_on_inputs else [-100] * len(prompt_ids) + completion_ids
+        return ids, labels
+    messages = sample["messages"]
+    text = render(messages, False)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding.input_ids
+    if train_on_inputs:
+        return ids, list(ids)
+    spans = assistant_spans(messages, render, text)
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else -100
+        for token, (begin, _) in zip(ids, encoding.offset_mapping)
+    ]
+    return ids, labels
+
+
+def assistant_spans(messages: list[dict], render: Callable, full_text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns (with their end-of-turn marker) in the rendered text.
+
+    Found by rendering the conversation up to each assistant turn with and without it, which works
+    for any template whose rendering of a prefix is a prefix of the whole; no `{% generation %}`
+    markers needed (most published templates lack them).
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        through = render(messages[: i + 1], False)
+        if not (through.startswith(before) and full_text.startswith(through)):
+            raise DataError(
+                "the chat template renders earlier turns differently once later turns follow, "
+                "so assistant turns cannot be located for masking",
+                fix="set data.chat_template: chatml, or data.train_on_inputs: true",
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
+    """Read, check, tokenize, truncate and split every dataset of the recipe."""
+    template = resolve_chat_template(data, tokenizer)
+
+    def render(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+
+    def tokenize_specs(specs: list[DatasetSpec], report_rows: list[dict]) -> TokenizedSplit:
+        split = TokenizedSplit()
+        for spec in specs:
+            samples = normalize_rows(read_rows(spec), spec)
+            if template is None and spec.format in ("messages", "sharegpt"):
+                raise RecipeError(
+                    f"the tokenizer has no chat template for {spec.format} data ({spec.path})",
+                    fix="set data.chat_template: chatml (or a Jinja template)",
+                )
+            stats = {"path": spec.path, "format": spec.format, "rows": len(samples), "truncated": 0, "dropped": 0}
+            for sample in samples:
+                ids, labels = tokenize_sample(sample, tokenizer, train_on_inputs=data.train_on_inputs, render=render)
+                if len(ids) > data.max_length:
+                    stats["truncated"] += 1
+                    ids, labels = ids[: data.max_length], labels[: data.max_length]
+                if all(label == -100 for label in labels[1:]):  # the first label is never predicted
+                    stats["dropped"] += 1
+                    continue
+                split.input_ids.append(ids)
+                split.labels.append(labels)
+            report_rows.append(stats)
+        return split
+
+    sources: list[dict] = []
+    train = tokenize_specs(data.datasets, sources)
+    if len(train) == 0:
+        raise DataError(
+            "no training sample has a supervised token after masking and truncation",
+            where=", ".join(s["path"] for s in sources),
+            fix="check completions/assistant turns are not empty, raise data.max_length, or set data.train_on_inputs: true",
+        )
+    val_sources: list[dict] = []
+    if data.val_datasets:
+        val = tokenize_specs(data.val_datasets, val_sources)
+        if len(val) == 0:
+            raise DataError("validation data has no supervised token", where=", ".join(s["path"] for s in val_sources))
+    elif data.val_size > 0:
+        train, val = split_off_validation(train, data.val_size, seed)
+    else:
+        val = None
+    report = {
+        "sources": sources + [dict(s, role="validation") for s in val_sources],
+        "train_samples": len(train),
+        "val_samples": len(val) if val is not None else 0,
+        "train_tokens": sum(map(len, train.input_ids)),
+        "train_supervised_tokens": sum(sum(1 for x in row[1:] if x != -100) for row in train.labels),
+        "max_tokens": max(map(len, train.input_ids)),
+        "mean_tokens": round(sum(map(len, train.input_ids)) / len(train), 1),
+        "truncated": sum(s["truncated"] for s in sources),
+        "dropped": sum(s["dropped"] for s in sources),
+        "max_length": data.max_length,
+    }
+    return PreparedData(train.to_dataset(), val.to_dataset() if val is not None else None, report)
+
+
+def split_off_validation(rows: TokenizedSplit, val_size: float, seed: int) -> tuple[TokenizedSplit, TokenizedSplit]:
+    count = len(rows)
+    val_count = max(1, round(count * val_size))
+    if count - val_count < 1:
+        raise DataError(
+            f"{count} usable sample(s) is too few to hold out val_size={val_size}",
+            fix="add data, or set data.val_size: 0",
+        )
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:val_count])
+    train, val = TokenizedSplit(), TokenizedSplit()
+    for i in range(count):
+        target = val if i in held_out else train
+        target.input_ids.append(rows.input_ids[i])
+        target.labels.append(rows.labels[i])
+    return train, val
+
+
+def describe(report: dict) -> str:
+    lines = [
+        f"data: {report['train_samples']} train / {report['val_samples']} validation samples, "
+        f"{report['train_tokens']} tokens ({report['train_supervised_tokens']} supervised), "
+        f"mean {report['mean_tokens']} / max {report['max_tokens']} tokens per sample"
+    ]
+    if report["truncated"] or report["dropped"]:
+        lines.append(
+            f"data: {report['truncated']} sample(s) truncated to max_length={report['max_length']}, "
+            f"{report['dropped']} dropped (nothing left to learn after masking/truncation)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,390 @@
+"""Supervised QLoRA fine-tuning: recipe in, run folder out. trl's SFTTrainer owns the loop.
+
+Order matters for the user: everything that can be wrong with the recipe, the output folder,
+the tokenizer or the data is found before the (slow) model load, and a failure before training
+starts leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from qtune import data as data_stage
+from qtune.errors import EXIT_INTEGRITY, QtuneError, RecipeError
+from qtune.recipe import LogSection, Recipe, TrainSection, recipe_to_yaml
+
+RECIPE_FILE = "recipe.yaml"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.json"
+EVAL_BEFORE = "eval_before.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def prepare_run_dir(train: TrainSection, *, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """Check the output folder; returns it and whether this call created it.
+
+    Never writes into (or deletes) a non-empty folder unless asked: --resume continues a qtune run,
+    --overwrite starts one over.
+    """
+    run_dir = Path(train.output_dir).expanduser()
+    is_run = (run_dir / RECIPE_FILE).is_file()
+    if resume:
+        if not is_run:
+            raise QtuneError(
+                f"nothing to resume: {run_dir} is not a qtune run folder",
+                fix="run without --resume to start a new run",
+                code=EXIT_INTEGRITY,
+            )
+        return run_dir, False
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"train.output_dir is a file: {run_dir}", fix="choose a folder path")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            what = "a previous qtune run" if is_run else "a non-empty folder that is not a qtune run"
+            raise RecipeError(
+                f"train.output_dir {run_dir} holds {what}",
+                fix="add --resume to continue it, --overwrite to replace it, or set another train.output_dir",
+            )
+        shutil.rmtree(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from qtune.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"cannot create train.output_dir {run_dir}: {e.strerror}", fix="check permissions") from None
+    return run_dir, created
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = []
+    for path in (run_dir / CHECKPOINTS).glob("checkpoint-*"):
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- trainer config
+
+
+def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, compute_dtype, has_eval: bool,
+                     max_length: int, use_cpu: bool):
+    import dataclasses
+
+    import torch
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(train.extra) - known)
+    if unknown:
+        import difflib
+
+        guess = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean '{guess[0]}'?" if guess else "see trl's SFTConfig for the field names"
+        raise RecipeError(f"train.extra has unknown SFTConfig field '{unknown[0]}'", fix=hint)
+    eval_every = train.eval_steps if has_eval and train.eval_steps else None
+    settings = dict(
+        output_dir=str(run_dir / CHECKPOINTS),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        seed=train.seed,
+        data_seed=train.seed,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.keep_checkpoints,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        report_to=[r for r in log.report_to if r != "tensorboard"] or "none",
+        project=log.project,
+        run_name=log.run_name or run_dir.name,
+        # trl defaults to bf16 autocast, which crashes with 4-bit layers on CPU: the dtype is ours to choose.
+        bf16=compute_dtype == torch.bfloat16 and not use_cpu,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=use_cpu,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=max_length,
+        packing=False,
+        include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
+        dataloader_pin_memory=not use_cpu,
+        disable_tqdm=False,
+    )
+    settings.update(train.extra)
+    return SFTConfig(**settings)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def progress_callback_class():
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossProgress(ProgressCallback):
+        """The stock tqdm bar (steps, ETA) with loss, lr and tokens/s on it instead of printed dicts."""
+
+        def __init__(self):
+            super().__init__()
+            self.last = None  # (time, num_tokens) at the previous log
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # a second bar per evaluation is noise; the eval result is printed as one line
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            bar = self.training_bar
+            if "eval_loss" in logs:
+                line = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
+                (bar.write if bar is not None else print)(line)
+                return
+            postfix = {}
+            if "loss" in logs:
+                postfix["loss"] = f"{logs['loss']:.4f}"
+            if "learning_rate" in logs:
+                postfix["lr"] = f"{logs['learning_rate']:.2e}"
+            if "num_input_tokens_seen" in logs:
+                now = (time.perf_counter(), logs["num_input_tokens_seen"])
+                if self.last is not None and now[0] > self.last[0]:
+                    postfix["tok/s"] = f"{(now[1] - self.last[1]) / (now[0] - self.last[0]):.0f}"
+                self.last = now
+            if bar is not None and postfix:
+                bar.set_postfix(postfix, refresh=False)
+
+    return LossProgress
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@contextmanager
+def env_defaults(**values: str):
+    """Set environment variables the trackers read, only where the user has not, for this run only."""
+    added = [key for key in values if key not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def peak_memory_bytes(use_cpu: bool) -> int:
+    import torch
+
+    if not use_cpu and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=print) -> dict:
+    """Fine-tune as the recipe says; returns the metrics also written to metrics.json."""
+    run_dir, created = prepare_run_dir(recipe.train, resume=resume, overwrite=overwrite)
+    try:
+        prepared = prepare(recipe, run_dir, resume=resume, echo=echo)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return fit(recipe, run_dir, *prepared, resume=resume, echo=echo)
+
+
+def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
+    """Everything before the first step: tokenizer, data, checkpoint, model, trainer."""
+    import torch
+
+    from qtune import model as model_stage
+
+    checkpoint = None
+    if resume:
+        checkpoint = newest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise QtuneError(
+                f"no complete checkpoint under {run_dir / CHECKPOINTS}",
+                fix="run without --resume (and with --overwrite) to start over",
+                code=EXIT_INTEGRITY,
+            )
+    use_cpu = not torch.cuda.is_available()
+    compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
+    tokenizer = model_stage.load_tokenizer(recipe.model)
+    if recipe.data.chat_template:
+        tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)
+    prepared = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    echo(data_stage.describe(prepared.report))
+
+    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    echo(f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})")
+    started = time.perf_counter()
+    base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
+    peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    load_seconds = time.perf_counter() - started
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    echo(f"model: loaded in {load_seconds:.1f} s; LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    config = build_sft_config(
+        recipe.train, recipe.log, run_dir=run_dir, compute_dtype=compute_dtype,
+        has_eval=prepared.val is not None, max_length=recipe.data.max_length, use_cpu=use_cpu,
+    )
+    with env_defaults(WANDB_DIR=str(run_dir)):
+        trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir)
+    return trainer, prepared, checkpoint, use_cpu
+
+
+def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_dir: Path):
+    from transformers.trainer_callback import ProgressCallback
+    from trl import SFTTrainer
+
+    from qtune import model as model_stage
+
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=config,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.val,
+        processing_class=tokenizer,
+    )
+    model_stage.keep_trainable_in_fp32(trainer.model)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback_class()())
+    if "tensorboard" in log.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+    return trainer
+
+
+def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: bool, *, resume: bool, echo) -> dict:
+    import torch
+
+    main_process = trainer.is_world_process_zero()
+    has_eval = prepared.val is not None
+    before_path = run_dir / EVAL_BEFORE
+    with env_defaults(WANDB_DIR=str(run_dir)):
+        if has_eval and not before_path.is_file():
+            eval_before = trainer.evaluate()["eval_loss"]
+            if main_process:
+                write_json_atomically(before_path, {"eval_loss_before": eval_before})
+            echo(f"eval: loss before training {eval_before:.4f}")
+        if checkpoint is not None:
+            echo(f"resume: continuing from {checkpoint.name}")
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        final_eval = trainer.evaluate() if has_eval else {}
+        if "wandb" in recipe.log.report_to and main_process:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+    eval_before = json.loads(before_path.read_text())["eval_loss_before"] if before_path.is_file() else None
+    runtime = result.metrics.get("train_runtime") or float("nan")
+    tokens = int(trainer.state.num_input_tokens_seen)
+    session_tokens = tokens - tokens_at_checkpoint(checkpoint)
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        "global_step": trainer.state.global_step,
+        "train_tokens": tokens,
+        "train_seconds": runtime,
+        "tokens_per_second": session_tokens / runtime if runtime and runtime > 0 else None,
+        "peak_memory_bytes": peak_memory_bytes(use_cpu),
+        "peak_memory_kind": "cpu_rss" if use_cpu or not torch.cuda.is_available() else "cuda_allocated",
+        "resumed_from": checkpoint.name if checkpoint is not None else None,
+        "data": prepared.report,
+    }
+    if main_process:
+        save_adapter(trainer, run_dir / ADAPTER)
+        write_json_atomically(run_dir / METRICS, metrics)
+        plot_losses(trainer.state.log_history, run_dir / "loss.png")
+        echo(summary(metrics, run_dir))
+    return metrics
+
+
+def tokens_at_checkpoint(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen", 0))
+
+
+def save_adapter(trainer, target: Path) -> None:
+    """Adapter + tokenizer, written aside and renamed into place so a crash never leaves half of one."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True)
+    trainer.processing_class.save_pretrained(staging)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train:
+        axis.plot(*zip(*train), label="train loss")
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def summary(metrics: dict, run_dir: Path) -> str:
+    def fmt(value, spec=".4f"):
+        return "n/a" if value is None else format(value, spec)
+
+    return (
+        f"done: {metrics['global_step']} steps in {metrics['train_seconds']:.1f} s, "
+        f"{fmt(metrics['tokens_per_second'], '.0f')} tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB\n"
+        f"eval loss {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss'])} "
+        f"(perplexity {fmt(metrics['eval_perplexity'], '.2f')}); train loss {fmt(metrics['train_loss'])}\n"
+        f"adapter: {run_dir / ADAPTER}   metrics: {run_dir / METRICS}   curve: {run_dir / 'loss.png'}"
+    )

@@ -1,0 +1,214 @@
+"""Base model in 4-bit, tokenizer, LoRA: small builders from recipe sections to library objects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from qtune.errors import EnvironmentProblem, RecipeError
+from qtune.recipe import LoraSection, ModelSection, QuantSection
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Names tried, in order, when a tokenizer has no pad token: ones real tokenizers reserve for it.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|reserved_special_token_0|>", "<|endoftext|>")
+
+
+def resolve_compute_dtype(name: str, *, cuda_available: bool | None = None, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """`auto`: bf16 only on GPUs that really have it, fp16 on older GPUs, fp32 on CPU.
+
+    `torch.cuda.is_bf16_supported()` says yes on a T4 (sm_75) because it emulates bf16, slowly;
+    the compute capability (>= 8.0: Ampere and newer) is the honest test.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if name != "auto":
+        dtype = DTYPES[name]
+        if not cuda_available and dtype == torch.float16:
+            raise RecipeError("quant.compute_dtype fp16 needs a GPU", fix="use auto or fp32 on CPU")
+        return dtype
+    if not cuda_available:
+        return torch.float32
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
+def build_quantization_config(quant: QuantSection, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def model_source(model: ModelSection) -> tuple[str, dict]:
+    """Where to load from, and the arguments that say how; refuses a missing local folder."""
+    path = Path(model.name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EnvironmentProblem(f"model folder has no config.json: {model.name}", fix="point model.name at a saved model")
+        return str(path), {}
+    if model.name.startswith((".", "/", "~")) or model.name.count("/") > 1:
+        raise EnvironmentProblem(f"model folder not found: {model.name}", fix="check model.name (a local folder or a Hub id)")
+    return model.name, {"revision": model.revision}
+
+
+def hub_failure(model: ModelSection, error: Exception) -> EnvironmentProblem:
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return EnvironmentProblem(
+        f"cannot load model '{model.name}' (revision {model.revision}): {first}",
+        fix="check the id; offline machines need a local folder; gated models need `hf auth login` or HF_TOKEN",
+    )
+
+
+def load_tokenizer(model: ModelSection):
+    from transformers import AutoTokenizer
+
+    source, kwargs = model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise hub_failure(model, e) from None
+    if tokenizer.eos_token_id is None:
+        raise EnvironmentProblem(f"tokenizer of {model.name} has no EOS token", fix="use a tokenizer that defines eos_token")
+    choose_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def choose_pad_token(tokenizer) -> str:
+    """A pad token distinct from EOS, without growing the vocabulary when the tokenizer has a spare one.
+
+    Padding with EOS is the common shortcut, but a collator that masks pad ids then masks every EOS
+    too and the model never learns to stop.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer.pad_token
+    vocab = tokenizer.get_vocab()
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+        return tokenizer.pad_token
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return candidate
+    raise EnvironmentProblem(
+        "the tokenizer has no pad, unk or reserved token to pad with (only EOS)",
+        fix="add a pad token to the tokenizer and resize the model's embeddings before fine-tuning",
+    )
+
+
+def device_map() -> dict:
+    """Each process loads onto its own device; under DDP that is LOCAL_RANK's GPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dtype):
+    """The base model with every linear layer in 4-bit, ready for LoRA training."""
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = model_source(model)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            source,
+            quantization_config=build_quantization_config(quant, compute_dtype),
+            dtype=compute_dtype,
+            device_map=device_map(),
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        raise hub_failure(model, e) from None
+    keep_cpu_4bit_layout_trainable(base)
+    return base
+
+
+def keep_cpu_4bit_layout_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.49 rewrites each Linear4bit's weights in place on the
+    first forward pass without gradients (an eval, a generate) into a layout whose op has no backward.
+    Training after that gets silently wrong LoRA gradients (cosine 0.34 to the true ones, measured);
+    the repack also crashes on layers whose input width is not a multiple of 64.
+    tests/test_model.py::test_eval_before_train_keeps_gradients fails if this comes back.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the linear layers LoRA can attach to (the output head excluded)."""
+    import bitsandbytes as bnb
+
+    names = set()
+    output_head = model.get_output_embeddings()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and module is not output_head:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def build_lora_config(lora: LoraSection, model):
+    from peft import LoraConfig
+
+    available = linear_module_names(model)
+    if lora.target_modules == "all-linear":
+        targets = available
+    else:
+        missing = [name for name in lora.target_modules if name not in available]
+        if missing:
+            raise RecipeError(
+                f"lora.target_modules {missing} match no layer of this model",
+                fix=f"choose from {available} or use all-linear",
+            )
+        targets = list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(base, lora: LoraSection, *, gradient_checkpointing: bool):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    config = build_lora_config(lora, base)
+    base = prepare_model_for_kbit_training(
+        base,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return get_peft_model(base, config)
+
+
+def keep_trainable_in_fp32(model) -> None:
+    """Undo trl's cast of LoRA weights to bf16 on quantized models.
+
+    SFTTrainer casts every trainable parameter of a 4-bit model to bf16 (following the QLoRA paper).
+    On CPU and on fp16 GPUs (T4, V100) that loses precision in the optimizer update for nothing;
+    fp32 adapters with autocast compute are what peft does by default.
+    tests/test_train.py checks that every trainable parameter is fp32 after the trainer is built.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

@@ -1,0 +1,301 @@
+"""The recipe: one pydantic schema, the only place for defaults and validation.
+
+Loading a recipe must stay cheap (`qtune validate` runs in well under 2 s), so this
+module imports neither torch nor any Hugging Face library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qtune.errors import RecipeError
+
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSection(Section):
+    name: str
+    """Hub id (org/name) or a local folder with config.json, tokenizer and weights."""
+    revision: str = "main"
+    """Branch, tag or 40-hex commit of the Hub repo. Pin a commit to allow trust_remote_code."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Only allowed with a pinned commit revision."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pinned_revision(self) -> ModelSection:
+        if self.trust_remote_code and not COMMIT_HASH.fullmatch(self.revision):
+            raise ValueError(
+                "model.trust_remote_code needs model.revision pinned to a 40-hex commit hash "
+                "(remote code on a branch can change under you)"
+            )
+        return self
+
+
+class QuantSection(Section):
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the frozen base weights (bitsandbytes)."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.37 bits per parameter)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of the matmuls. auto: bf16 on GPUs with compute capability >= 8.0, fp16 on older GPUs, fp32 on CPU."""
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA). Slower; often better at low rank."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        return value
+
+
+DATA_FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt", "text")
+
+
+class DatasetSpec(Section):
+    path: str
+    """Local file (.json, .jsonl, .csv, .parquet), a folder of them, or a Hub dataset id."""
+    format: Literal["alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+    """How rows are laid out: alpaca (instruction/input/output), prompt_completion, messages, sharegpt, text."""
+    split: str = "train"
+    """Split of a Hub dataset (or of a local file loaded through datasets)."""
+    name: str | None = None
+    """Config name of a Hub dataset."""
+    columns: dict[str, str] = {}
+    """Map the format's column names to yours, e.g. {instruction: question, output: answer}."""
+
+
+class DataSection(Section):
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    """Training datasets; several are mixed into one run."""
+    val_datasets: list[DatasetSpec] = []
+    """Explicit validation datasets. When given, val_size must be 0."""
+    max_length: int = Field(1024, gt=0)
+    """Longest tokenized sample; longer ones are truncated (a sample left with nothing to learn is dropped)."""
+    val_size: float = Field(0.02, ge=0, lt=1)
+    """Fraction of the training rows held out for evaluation."""
+    train_on_inputs: bool = False
+    """Also compute the loss on prompts / user turns (default: only on completions and assistant turns)."""
+    chat_template: str | None = None
+    """Jinja chat template for messages/sharegpt data, or 'chatml'. Default: the tokenizer's own."""
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataSection:
+        if self.val_datasets and self.val_size > 0:
+            raise ValueError("give either data.val_datasets or data.val_size > 0, not both (set val_size: 0)")
+        return self
+
+
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
+
+
+class TrainSection(Section):
+    output_dir: str
+    """Run folder: adapter/, checkpoints/, recipe.yaml, metrics.json, loss.png."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run. When set, it wins over epochs."""
+    epochs: float = Field(3, gt=0)
+    """Passes over the training data (used when max_steps is not set)."""
+    micro_batch_size: int = Field(4, gt=0)
+    """Samples per forward pass on each device."""
+    grad_accum: int = Field(4, gt=0)
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming up linearly."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on the LoRA weights."""
+    max_grad_norm: float = Field(0.3, gt=0)
+    """Gradient clipping (0.3 as in the QLoRA paper)."""
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    """Optimizer; paged ones spill their state to CPU memory instead of running out of GPU memory."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    seed: int = 42
+    """Seed for LoRA init, data order and dropout."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluate every this many steps (default: once at the end)."""
+    save_steps: int = Field(100, gt=0)
+    """Save a checkpoint every this many steps."""
+    keep_checkpoints: int = Field(3, gt=0)
+    """Newest checkpoints kept; older ones are deleted."""
+    logging_steps: int = Field(10, gt=0)
+    """Log loss, lr and throughput every this many steps."""
+    extra: dict[str, Any] = {}
+    """Escape hatch: more trl SFTConfig / transformers TrainingArguments fields, passed as they are."""
+
+
+class LogSection(Section):
+    report_to: list[Literal["wandb", "tensorboard"]] = []
+    """Trackers: wandb (WANDB_MODE=offline works without network) and/or tensorboard."""
+    project: str = "qtune"
+    """wandb project."""
+    run_name: str | None = None
+    """Run name in the trackers (default: the output folder's name)."""
+
+
+class Recipe(Section):
+    """A whole fine-tuning job. Each stage reads only its own section."""
+
+    model: ModelSection
+    quant: QuantSection = QuantSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection
+    log: LogSection = LogSection()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}", fix="check the path") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe path is a folder: {path}", fix="give the .yaml file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe is not UTF-8 text (byte {e.start})", where=where, fix="save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}, line {mark.line + 1}" if mark is not None else where
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"recipe is not valid YAML: {problem}", where=at, fix="fix the YAML syntax") from None
+    if raw is None:
+        raise RecipeError("recipe is empty", where=where, fix="see recipes/demo.yaml for a complete example")
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"recipe must be a mapping of sections, got a {type(raw).__name__}",
+            where=where,
+            fix="start with 'model:', 'data:', 'train:' sections",
+        )
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_recipe(raw, where=where)
+
+
+def validate_recipe(raw: dict, *, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        what, fix = describe_validation_error(errors[0])
+        if len(errors) > 1:
+            what += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        raise RecipeError(what, where=where, fix=fix) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4 (value parsed as YAML)."""
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"bad --set '{override}'", fix="write --set section.key=value, e.g. --set train.lr=1e-4")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise RecipeError(
+                f"--set {key}: '{'.'.join(parts[: depth + 1])}' is not a section", fix="check the key path"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def describe_validation_error(error: dict) -> tuple[str, str | None]:
+    """(what, how to fix) for one pydantic error."""
+    loc = [str(part) for part in error["loc"]]
+    dotted = ".".join(loc) or "recipe"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = known_keys(loc[:-1])
+        guess = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        noun = "key" if len(loc) > 1 else "section"
+        fix = f"did you mean '{'.'.join(loc[:-1] + guess)}'?" if guess else f"known keys here: {', '.join(known)}"
+        return f"unknown {noun} '{dotted}'", fix
+    if kind == "missing":
+        return f"missing required key '{dotted}'", None
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        choices = re.findall(r"'([^']*)'", expected)
+        given = error.get("input")
+        guess = difflib.get_close_matches(str(given), choices, n=1, cutoff=0.5) if choices else []
+        return f"'{dotted}' is {given!r}, must be one of {expected}", (f"did you mean '{guess[0]}'?" if guess else None)
+    if kind == "value_error":
+        message = error["msg"].removeprefix("Value error, ")
+        return (f"'{dotted}': {message}" if loc else message), None
+    given = error.get("input")
+    shown = "a mapping" if isinstance(given, dict) else repr(given)
+    return f"'{dotted}' is {shown}: {error['msg'][0].lower() + error['msg'][1:]}", None
+
+
+def known_keys(section_loc: list[str]) -> list[str]:
+    """Field names of the schema section at `section_loc` (list indices skipped)."""
+    model: type[BaseModel] = Recipe
+    for part in section_loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        inner = _section_type(field.annotation)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

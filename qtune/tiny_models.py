@@ -1,0 +1,149 @@
+"""Small models and tokenizers built here, from nothing: the offline demo and the tests use them.
+
+Nothing is downloaded. The tokenizer is a byte-level BPE trained in memory on generated
+text; the model is a Llama- or Qwen2-shaped network initialised from a seed. Widths are
+multiples of 64 because bitsandbytes' 4-bit blocks are 64 values long.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+WORDS = (
+    "the a an model data train learn token adapter weight layer quantize memory small large fast slow "
+    "apple river stone cloud green blue red number answer question reverse sort count letter word "
+    "one two three four five six seven eight nine ten is are was of to in and or not with for"
+).split()
+
+
+def demo_rows(count: int, seed: int = 0) -> list[dict]:
+    """Alpaca-format tasks with checkable answers: arithmetic, reversal, counting, upper-casing."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        task = rng.randrange(4)
+        if task == 0:
+            a, b = rng.randrange(100), rng.randrange(100)
+            rows.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)})
+        elif task == 1:
+            word = rng.choice(WORDS)
+            rows.append({"instruction": "Reverse the word.", "input": word, "output": word[::-1]})
+        elif task == 2:
+            words = [rng.choice(WORDS) for _ in range(rng.randrange(2, 9))]
+            rows.append({"instruction": "How many words are there?", "input": " ".join(words), "output": str(len(words))})
+        else:
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 6)))
+            rows.append({"instruction": "Write the text in capital letters.", "input": words, "output": words.upper()})
+    return rows
+
+
+def corpus(seed: int = 0, lines: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    text = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 15))) for _ in range(lines)]
+    for row in demo_rows(lines // 3, seed):
+        text.append(f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n{row['output']}")
+    text.append("Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+    text.append("0 1 2 3 4 5 6 7 8 9 10 100 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz user assistant system")
+    return text
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+    """A byte-level BPE tokenizer with BOS/EOS, ChatML turn markers and no pad token set.
+
+    No pad token on purpose: real base tokenizers (Llama, Mistral) lack one and qtune must pick one.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus(seed), trainer=trainer)
+    bos = bpe.token_to_id("<|begin_of_text|>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|pad|>"],
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+FAMILIES = ("llama", "qwen2")
+
+
+def build_model(family: str, tokenizer, *, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                intermediate: int = 512, seed: int = 0, tie_embeddings: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    vocab = len(tokenizer)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        tie_word_embeddings=tie_embeddings,
+        torch_dtype="float32",
+    )
+    if family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, **shape) -> Path:
+    """Build a tokenizer and a model and save both (safetensors) into `out_dir`."""
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(seed=seed)
+    model = build_model(family, tokenizer, seed=seed, **shape)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "qtune-tiny.json").write_text(json.dumps({"family": family, "seed": seed, **shape}))
+    return out
+
+
+def write_demo_data(path: str | Path, count: int = 2000, seed: int = 0) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in demo_rows(count, seed):
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,111 @@
+"""Shared fixtures: small models and tokenizers built here, data written here, nothing downloaded."""
+
+import os
+
+# Before anything imports huggingface_hub / datasets: a test must never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Small enough for a 2-core CI machine; widths stay multiples of 64 (bitsandbytes' 4-bit block).
+TINY_SHAPE = dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from qtune.tiny_models import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from qtune.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", **TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    from qtune.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2", **TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory) -> Path:
+    from qtune.tiny_models import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("data") / "alpaca.jsonl", count=400)
+
+
+@pytest.fixture(scope="session")
+def messages_file(tmp_path_factory) -> Path:
+    from qtune.tiny_models import demo_rows
+
+    path = tmp_path_factory.mktemp("data") / "messages.jsonl"
+    with path.open("w") as f:
+        for row in demo_rows(300, seed=1):
+            messages = [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": f"{row['instruction']} {row['input']}"},
+                {"role": "assistant", "content": row["output"]},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe_dict(model_dir, data_file, output_dir, fmt="alpaca", **sections) -> dict:
+    """A small, fast recipe; keyword sections are merged over the defaults."""
+    recipe = {
+        "model": {"name": str(model_dir)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(data_file), "format": fmt}], "max_length": 128, "val_size": 0.1},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "lr": 2e-3,
+            "save_steps": 3,
+            "eval_steps": 3,
+            "logging_steps": 1,
+            "gradient_checkpointing": False,
+            "warmup_ratio": 0.0,
+        },
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `qtune ...` in this process; returns (exit code, stdout, stderr)."""
+    from qtune.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

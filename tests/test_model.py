@@ -1,0 +1,118 @@
+"""4-bit loading, dtype choice, pad token, LoRA targets, and the CPU repack trap."""
+
+import pytest
+import torch
+
+from qtune import model as model_stage
+from qtune.errors import EXIT_ENVIRONMENT, QtuneError, RecipeError
+from qtune.recipe import LoraSection, ModelSection, QuantSection
+
+
+@pytest.mark.parametrize(
+    "cuda, capability, expected",
+    [(False, None, torch.float32), (True, (7, 5), torch.float16), (True, (7, 0), torch.float16),
+     (True, (8, 0), torch.bfloat16), (True, (9, 0), torch.bfloat16)],
+)
+def test_auto_compute_dtype(cuda, capability, expected):
+    # A T4 is sm_75: torch.cuda.is_bf16_supported() says yes there (emulation), auto must say fp16.
+    assert model_stage.resolve_compute_dtype("auto", cuda_available=cuda, capability=capability) == expected
+
+
+def test_explicit_fp16_on_cpu_is_refused():
+    with pytest.raises(RecipeError, match="fp16 needs a GPU"):
+        model_stage.resolve_compute_dtype("fp16", cuda_available=False)
+
+
+def test_pad_token_is_distinct_from_eos(tiny_llama):
+    tokenizer = model_stage.load_tokenizer(ModelSection(name=str(tiny_llama)))
+    assert tokenizer.pad_token is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "right"
+
+
+def test_missing_model_folder_is_an_environment_error(tmp_path):
+    with pytest.raises(QtuneError, match="model folder not found") as info:
+        model_stage.load_tokenizer(ModelSection(name=str(tmp_path / "nope")))
+    assert info.value.code == EXIT_ENVIRONMENT
+    with pytest.raises(QtuneError, match="no config.json"):
+        model_stage.load_tokenizer(ModelSection(name=str(tmp_path)))
+
+
+def test_hub_id_offline_is_an_environment_error():
+    with pytest.raises(QtuneError, match="cannot load model 'someone/not-here'") as info:
+        model_stage.load_tokenizer(ModelSection(name="someone/not-here"))
+    assert info.value.code == EXIT_ENVIRONMENT
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_base_loads_every_linear_in_4bit(tiny_llama, quant_type):
+    import bitsandbytes as bnb
+
+    base = model_stage.load_base(ModelSection(name=str(tiny_llama)), QuantSection(type=quant_type), torch.float32)
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert all(m.weight.quant_state.quant_type == quant_type for m in layers)
+    assert all(m.weight.quant_state.nested for m in layers)  # double quantization
+    assert not isinstance(base.get_output_embeddings(), bnb.nn.Linear4bit)
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)
+
+
+def test_lora_targets_all_linear_and_checks_names(tiny_llama):
+    base = model_stage.load_base(ModelSection(name=str(tiny_llama)), QuantSection(), torch.float32)
+    config = model_stage.build_lora_config(LoraSection(), base)
+    assert sorted(config.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    with pytest.raises(RecipeError, match=r"\['qkv_proj'\] match no layer.*q_proj"):
+        model_stage.build_lora_config(LoraSection(target_modules=["q_proj", "qkv_proj"]), base)
+    rs = model_stage.build_lora_config(LoraSection(use_rslora=True, use_dora=True, target_modules=["q_proj"]), base)
+    assert rs.use_rslora and rs.use_dora and rs.target_modules == {"q_proj"}
+
+
+@pytest.fixture
+def cpu_with_avx512bf16(monkeypatch):
+    """Make bitsandbytes believe this CPU has AVX512-BF16, as the machines where the trap was found do.
+
+    Without this the tests below would pass on a CPU lacking the instruction even with the guard gone.
+    """
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def lora_gradients(model_dir, *, eval_first: bool, repack_guard: bool = True):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    base = model_stage.load_base(ModelSection(name=str(model_dir)), QuantSection(), torch.float32)
+    if not repack_guard:
+        for module in base.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on such a CPU
+    torch.manual_seed(0)
+    model = model_stage.attach_lora(base, LoraSection(dropout=0.0), gradient_checkpointing=False)
+    batch = torch.randint(0, 500, (2, 64), generator=torch.Generator().manual_seed(1))
+    if eval_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=batch)
+    model.train()
+    model(input_ids=batch, labels=batch).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_eval_before_train_keeps_gradients(tiny_llama, cpu_with_avx512bf16):
+    """bitsandbytes repacks 4-bit weights on a no-grad CPU forward; qtune's guard keeps training exact."""
+    import bitsandbytes as bnb
+
+    assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu  # the pretence took effect
+    clean = lora_gradients(tiny_llama, eval_first=False)
+    after_eval = lora_gradients(tiny_llama, eval_first=True)
+    assert torch.equal(clean, after_eval)
+
+
+def test_the_repack_trap_is_real(tiny_llama, cpu_with_avx512bf16):
+    """Why the guard exists: without it, gradients after an eval pass are wrong (cosine 0.34 on the
+    machine where it was found; near 0 on this tiny model)."""
+    clean = lora_gradients(tiny_llama, eval_first=False)
+    trapped = lora_gradients(tiny_llama, eval_first=True, repack_guard=False)
+    cosine = torch.nn.functional.cosine_similarity(clean, trapped, dim=0).item()
+    assert cosine < 0.99

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--pretrain-steps", type=int, default=200,
+                      help="full-precision language-model steps on generated text, so the base is not random (0: skip)")
     tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
     return parser
 
@@ -72,8 +74,8 @@ def cmd_make_tiny_model(args) -> int:
     quiet_library_noise()
     from qtune.tiny_models import write_demo_data, write_tiny_model
 
-    out = write_tiny_model(args.out_dir, args.family, seed=args.seed)
-    print(f"tiny {args.family} model written to {out}")
+    out = write_tiny_model(args.out_dir, args.family, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    print(f"tiny {args.family} model written to {out} ({args.pretrain_steps} pretraining steps)")
     if args.demo_data:
         print(f"demo data written to {write_demo_data(args.demo_data, seed=args.seed)}")
     return 0
@@ -87,7 +89,14 @@ def quiet_library_noise() -> None:
     # bitsandbytes looks for an optional hub-hosted CPU kernel on every import and logs its absence.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    # Deprecation notices between the libraries (peft calling transformers' old names) are not the user's.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Per-tensor "Loading weights" / "Writing model shards" bars; the training bar (plain tqdm) stays.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 COMMANDS = {"validate": cmd_validate, "train": cmd_train, "make-tiny-model": cmd_make_tiny_model}

@@ -139,7 +139,11 @@ def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, com
         disable_tqdm=False,
     )
     settings.update(train.extra)
-    return SFTConfig(**settings)
+    try:
+        return SFTConfig(**settings)
+    except (ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"the trainer rejects these settings: {first}", fix="check train.extra and the train section") from None
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -243,19 +247,20 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     prepared = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
     echo(data_stage.describe(prepared.report))
 
+    config = build_sft_config(
+        recipe.train, recipe.log, run_dir=run_dir, compute_dtype=compute_dtype,
+        has_eval=prepared.val is not None, max_length=recipe.data.max_length, use_cpu=use_cpu,
+    )
     (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     echo(f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})")
     started = time.perf_counter()
     base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
+    model_stage.check_vocabulary_fits(base, tokenizer, prepared)
     peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     load_seconds = time.perf_counter() - started
     trainable, total = peft_model.get_nb_trainable_parameters()
     echo(f"model: loaded in {load_seconds:.1f} s; LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    config = build_sft_config(
-        recipe.train, recipe.log, run_dir=run_dir, compute_dtype=compute_dtype,
-        has_eval=prepared.val is not None, max_length=recipe.data.max_length, use_cpu=use_cpu,
-    )
     with env_defaults(WANDB_DIR=str(run_dir)):
         trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir)
     return trainer, prepared, checkpoint, use_cpu
@@ -327,7 +332,7 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
     if main_process:
         save_adapter(trainer, run_dir / ADAPTER)
         write_json_atomically(run_dir / METRICS, metrics)
-        plot_losses(trainer.state.log_history, run_dir / "loss.png")
+        plot_losses(trainer.state.log_history, run_dir / "loss.png", eval_before=eval_before)
         echo(summary(metrics, run_dir))
     return metrics
 
@@ -355,14 +360,15 @@ def save_adapter(trainer, target: Path) -> None:
         os.replace(staging, target)
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
+def plot_losses(history: list[dict], path: Path, *, eval_before: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    evals = [(0, eval_before)] if eval_before is not None else []
+    evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     figure, axis = plt.subplots(figsize=(7, 4))
     if train:
         axis.plot(*zip(*train), label="train loss")

@@ -132,6 +132,18 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
     return base
 
 
+def check_vocabulary_fits(base, tokenizer, prepared) -> None:
+    """Token ids beyond the embedding table crash deep inside the first forward pass; say so up front."""
+    rows = base.get_input_embeddings().num_embeddings
+    splits = [prepared.train] + ([prepared.val] if prepared.val is not None else [])
+    highest = max([tokenizer.pad_token_id] + [max(max(ids) for ids in split["input_ids"]) for split in splits])
+    if highest >= rows:
+        raise EnvironmentProblem(
+            f"the tokenizer produces token id {highest} but the model's embedding table has {rows} rows",
+            fix="use the tokenizer saved with this model (tokenizer and model must match)",
+        )
+
+
 def keep_cpu_4bit_layout_trainable(model) -> int:
     """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout.
 

@@ -23,7 +23,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+# <|endoftext|> is there because transformers loads a qwen2 folder's tokenizer as Qwen2Tokenizer,
+# which adds it (as unk and pad) when missing and so outgrows the model's embeddings.
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|endoftext|>"]
 
 WORDS = (
     "the a an model data train learn token adapter weight layer quantize memory small large fast slow "
@@ -89,7 +91,7 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
         tokenizer_object=bpe,
         bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|pad|>"],
+        additional_special_tokens=SPECIAL_TOKENS[2:],
         model_max_length=4096,
     )
     tokenizer.chat_template = CHATML_TEMPLATE
@@ -128,15 +130,73 @@ def build_model(family: str, tokenizer, *, hidden: int = 256, layers: int = 4, h
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, **shape) -> Path:
-    """Build a tokenizer and a model and save both (safetensors) into `out_dir`."""
+def pretraining_text(seed: int = 0, lines: int = 4000) -> list[str]:
+    """Plain text with the facts the demo tasks need, never in the demo's instruction format:
+    sums, reversed and upper-cased words, counted lists. Fine-tuning then teaches the format."""
+    rng = random.Random(seed + 1000)
+    text = []
+    for _ in range(lines):
+        kind = rng.randrange(5)
+        if kind == 0:
+            a, b = rng.randrange(100), rng.randrange(100)
+            text.append(f"{a} plus {b} makes {a + b}.")
+        elif kind == 1:
+            word = rng.choice(WORDS)
+            text.append(f"{word} backwards is {word[::-1]}.")
+        elif kind == 2:
+            words = [rng.choice(WORDS) for _ in range(rng.randrange(2, 9))]
+            text.append(f"the list {' '.join(words)} has {len(words)} words.")
+        elif kind == 3:
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 6)))
+            text.append(f"{words} in capitals is {words.upper()}.")
+        else:
+            text.append(" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 15))) + ".")
+    return text
+
+
+def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3) -> list[float]:
+    """A short full-precision language-model run so the base has real (not random) weights.
+
+    Quantization error, and what fine-tuning adds, only mean something on a model that knows something.
+    Returns the loss of every step.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    ids = [t for line in pretraining_text(seed) for t in tokenizer(line).input_ids + [tokenizer.eos_token_id]]
+    stream = torch.tensor(ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([stream[s : s + seq_len] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, pretrain_steps: int = 0, **shape) -> Path:
+    """Build a tokenizer and a model (optionally pretrained a little) and save both (safetensors) into `out_dir`."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(seed=seed)
     model = build_model(family, tokenizer, seed=seed, **shape)
+    losses = pretrain(model, tokenizer, steps=pretrain_steps, seed=seed) if pretrain_steps else []
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "qtune-tiny.json").write_text(json.dumps({"family": family, "seed": seed, **shape}))
+    info = {"family": family, "seed": seed, "pretrain_steps": pretrain_steps, **shape}
+    if losses:
+        info["pretrain_loss_first_last"] = [losses[0], losses[-1]]
+    (out / "qtune-tiny.json").write_text(json.dumps(info))
     return out
 
 

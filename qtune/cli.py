@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     train.add_argument("--overwrite", action="store_true", help="delete an existing train.output_dir and start over")
 
+    export = commands.add_parser("export", help="merged fp16/bf16, re-quantized NF4 and GGUF files, each measured")
+    export.add_argument("run_dir")
+    export.add_argument("--format", dest="formats", action="append", default=[], metavar="FORMAT",
+                        help="adapter, merged_fp16, merged_bf16, nf4, gguf_f16, gguf_q8_0, gguf_q4_0 (repeatable)")
+    export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    export.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
+                        help="merge into the dequantized NF4 weights the adapter was trained on (default, exact) "
+                             "or into the original weights")
+    export.add_argument("--eval-data", help="data file for the fidelity report (default: the run's validation set)")
+    export.add_argument("--eval-format", help="format of --eval-data (default: the recipe's first dataset format)")
+    export.add_argument("--eval-samples", type=int, default=32, help="samples compared per artifact (default 32)")
+
     tiny = commands.add_parser("make-tiny-model", help="build a small random model + tokenizer locally (demo, tests)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
@@ -70,10 +82,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    quiet_library_noise()
+    from qtune.export import run
+
+    run(args.run_dir, args.formats, out_dir=args.out, merge_base=args.merge_base, eval_data=args.eval_data,
+        eval_format=args.eval_format, eval_samples=args.eval_samples)
+    return 0
+
+
 def cmd_make_tiny_model(args) -> int:
     quiet_library_noise()
+    from pathlib import Path
+
     from qtune.tiny_models import write_demo_data, write_tiny_model
 
+    target = Path(args.out_dir)
+    if target.is_dir() and any(target.iterdir()) and not (target / "qtune-tiny.json").is_file():
+        raise QtuneError(f"{target} is a non-empty folder that is not a qtune tiny model", fix="choose another folder",
+                         code=EXIT_RECIPE)
     out = write_tiny_model(args.out_dir, args.family, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"tiny {args.family} model written to {out} ({args.pretrain_steps} pretraining steps)")
     if args.demo_data:
@@ -99,7 +126,7 @@ def quiet_library_noise() -> None:
     transformers_logging.disable_progress_bar()
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "make-tiny-model": cmd_make_tiny_model}
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "make-tiny-model": cmd_make_tiny_model}
 
 
 def main(argv: list[str] | None = None) -> int:

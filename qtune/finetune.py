@@ -305,7 +305,7 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
         if checkpoint is not None:
             echo(f"resume: continuing from {checkpoint.name}")
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        final_eval = trainer.evaluate() if has_eval else {}
+        final_eval = final_evaluation(trainer) if has_eval else {}
         if "wandb" in recipe.log.report_to and main_process:
             import wandb
 
@@ -335,6 +335,16 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
         plot_losses(trainer.state.log_history, run_dir / "loss.png", eval_before=eval_before)
         echo(summary(metrics, run_dir))
     return metrics
+
+
+def final_evaluation(trainer) -> dict:
+    """The eval at the last step when the schedule already ran one there, else a fresh one."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == trainer.state.global_step:
+                return entry
+            break
+    return trainer.evaluate()
 
 
 def tokens_at_checkpoint(checkpoint: Path | None) -> int:

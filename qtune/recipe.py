@@ -163,6 +163,18 @@ class LogSection(Section):
     """Run name in the trackers (default: the output folder's name)."""
 
 
+EXPORT_FORMATS = ("adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
+
+
+class ExportSection(Section):
+    formats: list[Literal["adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0"]] = []
+    """Exports written after training into <output_dir>/export (same as `qtune export RUN --format ...`)."""
+    merge_base: Literal["dequantized", "original"] = "dequantized"
+    """Merge into the dequantized NF4 weights the adapter was trained on (exact), or the original weights."""
+    eval_samples: int = Field(32, gt=0)
+    """Validation samples used to compare every export with the trained model."""
+
+
 class Recipe(Section):
     """A whole fine-tuning job. Each stage reads only its own section."""
 
@@ -172,6 +184,7 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection
     log: LogSection = LogSection()
+    export: ExportSection = ExportSection()
 
 
 # --------------------------------------------------------------------------- loading

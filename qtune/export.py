@@ -1,0 +1,510 @@
+"""Export a trained run: merged fp16/bf16 weights, a re-quantized NF4 checkpoint, GGUF files.
+
+Each artifact is written into a hidden staging folder beside its destination and renamed into
+place only when complete, so a failed or interrupted export leaves nothing half-written and never
+damages an earlier one. Every artifact is then reloaded the way a user would load it and compared
+with the model it came from (qtune.evaluate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtune.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, QtuneError, RecipeError
+from qtune.recipe import Recipe, validate_recipe
+
+MERGED_FORMATS = {"merged_fp16": "float16", "merged_bf16": "bfloat16"}
+GGUF_FORMATS = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
+FORMATS = ("adapter", *MERGED_FORMATS, "nf4", *GGUF_FORMATS)
+# llama.cpp architecture per transformers model_type; Mistral is written as llama, as llama.cpp's converter does.
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+SHARD_BYTES = 2 * 2**30
+MERGE_BASES = ("dequantized", "original")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run_dir: Path
+    recipe: Recipe
+    adapter_dir: Path
+
+
+def open_run(run_dir: str | Path) -> TrainedRun:
+    import yaml
+
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise QtuneError(f"not a qtune run folder: {run_dir}", fix="give the train.output_dir of a finished run",
+                         code=EXIT_INTEGRITY)
+    recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), where=str(recipe_file))
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise QtuneError(f"the run has no trained adapter: {adapter_dir}", fix="finish (or --resume) the training first",
+                         code=EXIT_INTEGRITY)
+    return TrainedRun(run_dir, recipe, adapter_dir)
+
+
+def check_formats(formats: list[str], model_type: str) -> list[str]:
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        import difflib
+
+        guess = difflib.get_close_matches(unknown[0], FORMATS, n=1)
+        raise RecipeError(f"unknown export format '{unknown[0]}'",
+                          fix=f"did you mean '{guess[0]}'?" if guess else f"choose from {', '.join(FORMATS)}")
+    if any(f in GGUF_FORMATS for f in formats) and model_type not in GGUF_ARCHITECTURES:
+        raise QtuneError(
+            f"GGUF export does not support the '{model_type}' architecture",
+            fix=f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}; export merged_fp16 and convert with llama.cpp",
+            code=EXIT_ENVIRONMENT,
+        )
+    return list(dict.fromkeys(formats))  # de-duplicated, in the order given
+
+
+# --------------------------------------------------------------------------- atomic writing
+
+
+def staging_dir_for(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial")
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Rename a finished artifact into place; an earlier one is replaced only once the new one is whole."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(staging, target)
+
+
+def check_free_disk(out_dir: Path, needed_bytes: int) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    margin = 1.05
+    if free < needed_bytes * margin:
+        raise EnvironmentProblem(
+            f"not enough free disk for the export: needs about {needed_bytes / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free",
+            where=str(probe),
+            fix="free some space, choose fewer formats, or --out on a bigger disk",
+        )
+
+
+# --------------------------------------------------------------------------- the merge
+
+
+def lora_deltas(adapter_dir: Path):
+    """{module name: (A, B, scale, magnitude or None)} from a saved peft LoRA adapter."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QtuneError(f"only LoRA adapters can be merged, this is {config.get('peft_type')}", code=EXIT_INTEGRITY)
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    modules: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name = key.removeprefix("base_model.model.")
+        for part in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
+            if name.endswith(part):
+                modules.setdefault(name[: -len(part)], {})[part] = value
+    deltas = {}
+    for module, parts in modules.items():
+        if ".lora_A.weight" not in parts or ".lora_B.weight" not in parts:
+            raise QtuneError(f"adapter is missing lora_A/lora_B for {module}", where=str(adapter_dir), code=EXIT_INTEGRITY)
+        deltas[module] = (parts[".lora_A.weight"], parts[".lora_B.weight"], scale, parts.get(".lora_magnitude_vector"))
+    if not deltas:
+        raise QtuneError("adapter holds no LoRA weights", where=str(adapter_dir), code=EXIT_INTEGRITY)
+    return deltas
+
+
+def merge_weight(base_weight, delta) -> "torch.Tensor":
+    """W + scale * B @ A in fp32; with DoRA, rescaled per output row to the learned magnitude (as peft merges)."""
+    import torch
+
+    lora_a, lora_b, scale, magnitude = delta
+    weight = base_weight.float()
+    merged = weight + scale * (lora_b.float() @ lora_a.float())
+    if magnitude is not None:
+        # peft normalises W + scale*BA (the delta detached during training, same value here).
+        merged = merged * (magnitude.float() / merged.norm(p=2, dim=1)).unsqueeze(1)
+    return merged
+
+
+class ShardWriter:
+    """Safetensors shards of at most `shard_bytes`, named and indexed the way transformers saves them."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+        self.folder = folder
+        self.shard_bytes = shard_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            os.replace(self.folder / self.files[0][0], self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        count = len(self.files)
+        for index, (temporary, names) in enumerate(self.files, start=1):
+            final = f"model-{index:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / temporary, self.folder / final)
+            weight_map.update({n: final for n in names})
+        index_file = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
+
+
+def original_weight_reader(model_name: str, revision: str):
+    """name -> tensor from the base checkpoint's own safetensors files (for --merge-base original)."""
+    from safetensors import safe_open
+
+    path = Path(model_name).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model_name, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as e:  # offline, gated, missing: all mean the same to the user here
+            raise EnvironmentProblem(f"cannot get the original weights of {model_name}: {type(e).__name__}",
+                                     fix="use --merge-base dequantized (the default), or make the base available") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise EnvironmentProblem(f"no safetensors weights in {path}", fix="qtune reads safetensors only")
+    location = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            location.update({key: file for key in handle.keys()})
+
+    def read(name: str):
+        if name not in location:
+            raise QtuneError(f"original checkpoint has no tensor '{name}'", code=EXIT_INTEGRITY)
+        with safe_open(str(location[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return read
+
+
+def write_merged(run: TrainedRun, target: Path, *, dtype_name: str, merge_base: str, echo=print) -> Path:
+    """Merge the adapter into the base, one layer at a time, into a sharded safetensors folder.
+
+    The default base is the dequantized NF4 weights the adapter was trained against: merging there
+    reproduces the adapter-on-NF4 model (the LoRA delta compensated for the quantization error),
+    while merging into the original weights adds the delta to weights it never saw.
+    Only the 4-bit model and one layer in full precision are held at a time (~0.3x of the output).
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    from qtune import model as model_stage
+
+    dtype = getattr(torch, dtype_name)
+    deltas = lora_deltas(run.adapter_dir)
+    base = model_stage.load_base(run.recipe.model, run.recipe.quant, torch.float32)
+    read_original = original_weight_reader(run.recipe.model.name, run.recipe.model.revision) if merge_base == "original" else None
+    staging = staging_dir_for(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        writer = ShardWriter(staging)
+        saved_keys = set(base.state_dict())  # persistent parameters and buffers, as save_pretrained writes
+        seen = set()
+        tied = base.config.get_text_config().tie_word_embeddings
+        output_head = base.get_output_embeddings()
+        for module_name, module in base.named_modules():
+            own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+            for param_name, value in own.items():
+                key = f"{module_name}.{param_name}" if module_name else param_name
+                if key in seen or key not in saved_keys:
+                    continue
+                seen.add(key)
+                if tied and module is output_head:
+                    continue
+                if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
+                    if read_original is not None:
+                        weight = read_original(key).float()
+                    else:
+                        weight = bnb.functional.dequantize_4bit(value.data, value.quant_state).float()
+                    if module_name in deltas:
+                        weight = merge_weight(weight, deltas.pop(module_name))
+                    writer.add(key, weight.to(dtype))
+                elif value.dtype.is_floating_point:
+                    writer.add(key, value.detach().to(dtype))
+                else:
+                    writer.add(key, value.detach())
+        if deltas:
+            raise QtuneError(f"adapter layers not found in the base model: {sorted(deltas)[:3]}",
+                             fix="was the adapter trained on this base?", code=EXIT_INTEGRITY)
+        writer.close()
+        config = base.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = dtype_name
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        if base.generation_config is not None:
+            base.generation_config.save_pretrained(staging)
+        copy_tokenizer(run.adapter_dir, staging)
+        fault_point("merged")
+        publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        del base
+    echo(f"export: {target.name}: {writer.total / 2**20:.1f} MiB in {len(writer.files)} shard(s)")
+    return target
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def fault_point(stage: str) -> None:
+    """Fault injection for the tests: QTUNE_FAIL_EXPORT_AT=<stage> fails the export there, mid-write."""
+    if os.environ.get("QTUNE_FAIL_EXPORT_AT") == stage:
+        raise RuntimeError(f"injected export failure at {stage}")
+
+
+# --------------------------------------------------------------------------- NF4
+
+
+def write_nf4(merged_dir: Path, target: Path, run: TrainedRun, echo=print) -> Path:
+    """The merged weights re-quantized to 4-bit with double quantization; loads with no extra arguments."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qtune.model import keep_cpu_4bit_layout_trainable
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=run.recipe.quant.type,
+        bnb_4bit_use_double_quant=run.recipe.quant.double_quant,
+        # fp16 is the compute dtype every GPU has; on CPU bitsandbytes follows the input dtype anyway.
+        bnb_4bit_compute_dtype=torch.float16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=config, dtype=torch.float16,
+                                                 device_map=model_device_map())
+    keep_cpu_4bit_layout_trainable(model)  # a saved file must hold the standard layout, never the CPU repack
+    staging = staging_dir_for(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        copy_tokenizer(merged_dir, staging)
+        fault_point("nf4")
+        publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    echo(f"export: {target.name}: {size / 2**20:.1f} MiB ({model.get_memory_footprint() / 2**20:.1f} MiB in memory)")
+    return target
+
+
+def model_device_map() -> dict:
+    from qtune.model import device_map
+
+    return device_map()
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def estimate_bytes(run: TrainedRun, formats: list[str], needs_merge: bool, keep_merged: bool) -> int:
+    from transformers import AutoConfig
+
+    from qtune.model import model_source
+
+    source, kwargs = model_source(run.recipe.model)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    text = config.get_text_config()
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    intermediate = getattr(text, "intermediate_size", 4 * hidden)
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", heads) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * intermediate
+    embeddings = vocab * hidden * (1 if text.tie_word_embeddings else 2)
+    params = layers * per_layer + embeddings
+    bytes_per_param = {"merged_fp16": 2, "merged_bf16": 2, "nf4": 0.6, "gguf_f16": 2, "gguf_q8_0": 1.07, "gguf_q4_0": 0.57}
+    total = sum(params * bytes_per_param[f] for f in formats if f in bytes_per_param)
+    if needs_merge and not keep_merged:
+        total += params * 2  # the working merged copy, removed at the end
+    return int(total)
+
+
+# --------------------------------------------------------------------------- the export as a whole
+
+
+def artifact_names(formats: list[str]) -> dict[str, str]:
+    names = {"adapter": "adapter", "merged_fp16": "merged-fp16", "merged_bf16": "merged-bf16", "nf4": "nf4"}
+    names.update({f: f"model-{GGUF_FORMATS[f].lower()}.gguf" for f in GGUF_FORMATS})
+    return {f: names[f] for f in formats}
+
+
+def run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path | None = None, merge_base: str = "dequantized",
+        eval_data: str | None = None, eval_format: str | None = None, eval_samples: int = 32, echo=print) -> dict:
+    """Write every requested format, reload each, measure it against the adapter-on-NF4 model."""
+    from transformers import AutoConfig
+
+    from qtune.model import model_source
+
+    trained = open_run(run_dir)
+    if merge_base not in MERGE_BASES:
+        raise RecipeError(f"unknown merge base '{merge_base}'", fix=f"choose {' or '.join(MERGE_BASES)}")
+    source, kwargs = model_source(trained.recipe.model)
+    model_type = AutoConfig.from_pretrained(source, **kwargs).model_type
+    formats = check_formats(formats, model_type)
+    if not formats:
+        raise RecipeError("no export format given", fix=f"add --format, one of {', '.join(FORMATS)}")
+    out = Path(out_dir) if out_dir else trained.run_dir / "export"
+    needs_fp16 = any(f == "merged_fp16" or f == "nf4" or f in GGUF_FORMATS for f in formats)
+    check_free_disk(out, estimate_bytes(trained, formats, needs_fp16, "merged_fp16" in formats))
+    samples = fidelity_samples(trained, eval_data, eval_format, eval_samples)
+    out.mkdir(parents=True, exist_ok=True)
+    names = artifact_names(formats)
+    started = time.perf_counter()
+    written: dict[str, Path] = {}
+    work_dir = None
+    try:
+        if "adapter" in formats:
+            staging = staging_dir_for(out / "adapter")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(trained.adapter_dir, staging)
+            publish(staging, out / "adapter")
+            written["adapter"] = out / "adapter"
+        if needs_fp16:
+            fp16_dir = out / names["merged_fp16"] if "merged_fp16" in formats else out / ".merged-fp16-work"
+            work_dir = None if "merged_fp16" in formats else fp16_dir
+            write_merged(trained, fp16_dir, dtype_name="float16", merge_base=merge_base, echo=echo)
+            if "merged_fp16" in formats:
+                written["merged_fp16"] = fp16_dir
+        if "merged_bf16" in formats:
+            written["merged_bf16"] = write_merged(trained, out / names["merged_bf16"], dtype_name="bfloat16",
+                                                  merge_base=merge_base, echo=echo)
+        if "nf4" in formats:
+            written["nf4"] = write_nf4(fp16_dir, out / names["nf4"], trained, echo=echo)
+        for fmt in (f for f in formats if f in GGUF_FORMATS):
+            from qtune.gguf_file import ollama_modelfile, write_gguf
+
+            written[fmt] = write_gguf(fp16_dir, out / names[fmt], GGUF_FORMATS[fmt], echo=echo)
+            from transformers import AutoTokenizer
+
+            modelfile = ollama_modelfile(names[fmt], AutoTokenizer.from_pretrained(fp16_dir),
+                                         trained_on_alpaca=all(d.format == "alpaca" for d in trained.recipe.data.datasets))
+            (out / f"{names[fmt]}.Modelfile").write_text(modelfile)
+        seconds = time.perf_counter() - started
+        report = fidelity_report(trained, written, samples, merge_base=merge_base, echo=echo)
+    finally:
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    report.update(export_seconds=seconds, formats=formats, out_dir=str(out))
+    from qtune.finetune import write_json_atomically
+
+    write_json_atomically(out / "export_report.json", report)
+    echo(f"export: report written to {out / 'export_report.json'}")
+    return report
+
+
+def fidelity_samples(trained: TrainedRun, eval_data: str | None, eval_format: str | None, limit: int):
+    """The run's validation samples (or --eval-data), tokenized exactly as in training."""
+    from transformers import AutoTokenizer
+
+    from qtune import data as data_stage
+    from qtune.evaluate import samples_from
+    from qtune.recipe import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
+    section = trained.recipe.data
+    if eval_data:
+        fmt = eval_format or section.datasets[0].format
+        section = DataSection(datasets=[{"path": eval_data, "format": fmt}], max_length=section.max_length,
+                              val_size=0, chat_template=section.chat_template, train_on_inputs=section.train_on_inputs)
+    prepared = data_stage.build(section, tokenizer, seed=trained.recipe.train.seed)
+    dataset = prepared.val if prepared.val is not None and not eval_data else prepared.train
+    return samples_from(dataset, limit)
+
+
+def load_artifact(fmt: str, path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.model import keep_cpu_4bit_layout_trainable
+
+    if fmt in MERGED_FORMATS:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if fmt == "nf4":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=model_device_map())
+        keep_cpu_4bit_layout_trainable(model)
+        return model
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def artifact_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def fidelity_report(trained: TrainedRun, written: dict[str, Path], samples, *, merge_base: str, echo=print) -> dict:
+    import torch
+    from peft import PeftModel
+
+    from qtune import evaluate
+    from qtune.model import load_base
+
+    base = load_base(trained.recipe.model, trained.recipe.quant, torch.float32)
+    reference_model = PeftModel.from_pretrained(base, trained.adapter_dir)
+    reference = evaluate.sample_logits(reference_model, samples)
+    del reference_model, base
+    rows = {}
+    for fmt, path in written.items():
+        if fmt == "adapter":
+            continue
+        model = load_artifact(fmt, path)
+        row = evaluate.compare(reference, evaluate.sample_logits(model, samples), samples)
+        del model
+        row["size_bytes"] = artifact_size(path)
+        row["path"] = str(path)
+        rows[fmt] = row
+    reference_ppl = evaluate.perplexity(reference, samples)
+    echo(f"fidelity against the adapter on the NF4 base ({len(samples)} samples, merge base: {merge_base}):")
+    echo(evaluate.format_table(rows, reference_ppl))
+    return {"reference": {"perplexity": reference_ppl, "samples": len(samples)}, "merge_base": merge_base,
+            "artifacts": rows}

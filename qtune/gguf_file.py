@@ -1,0 +1,277 @@
+"""GGUF files for llama.cpp and Ollama, written in-process with the `gguf` package.
+
+Streams from a merged safetensors folder one tensor at a time: the tensor table is written first,
+then each tensor is converted (renamed, q/k rows permuted for llama-style rotary, quantized) and
+appended, so memory stays at one tensor whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qtune.errors import EXIT_ENVIRONMENT, QtuneError
+
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+def permute_for_llama_rotary(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """HF stores q/k rows with the two rotary halves apart; llama.cpp wants them interleaved
+    (the same permutation as llama.cpp's convert_hf_to_gguf.py)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def tensor_files(merged_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    location = {}
+    for file in sorted(merged_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            location.update({key: file for key in handle.keys()})
+    return location
+
+
+def read_tensor(location: dict[str, Path], name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(str(location[name]), framework="pt") as handle:
+        return handle.get_tensor(name).float().numpy()
+
+
+def vocabulary(merged_dir: Path, tokenizer):
+    """(tokenizer model, tokens, scores, token types, merges) for the GGUF tokenizer keys."""
+    import gguf
+
+    spec = json.loads((merged_dir / "tokenizer.json").read_text())
+    model = spec["model"]
+    decoder = (spec.get("decoder") or {}).get("type")
+    size = len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    if model["type"] == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
+        tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+        types = []
+        for index in range(size):
+            if index in special or (index in added and added[index].get("special")):
+                types.append(gguf.TokenType.CONTROL)
+            elif index in added:
+                types.append(gguf.TokenType.USER_DEFINED)
+            else:
+                types.append(gguf.TokenType.NORMAL)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        return "gpt2", tokens, None, types, merges
+    if model["type"] == "BPE" and model.get("byte_fallback"):
+        # SentencePiece-style vocabulary (Llama 2, Mistral v0.1): gguf-py's reader of HF files gives scores and types.
+        vocab = gguf.vocab.LlamaHfVocab(merged_dir)
+        tokens, scores, types = [], [], []
+        for text, score, kind in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(kind)
+        return "llama", tokens, scores, types, None
+    raise QtuneError(
+        f"GGUF export does not support this tokenizer ({model['type']}, decoder {decoder})",
+        fix="export merged_fp16 and convert with llama.cpp's convert_hf_to_gguf.py",
+        code=EXIT_ENVIRONMENT,
+    )
+
+
+def pre_tokenizer_name(model_type: str, tokenizer) -> str:
+    """llama.cpp's name for the pre-tokenizer regex (it picks the splitting rules by this name)."""
+    vocab = tokenizer.get_vocab()
+    if model_type == "qwen2":
+        return "qwen2"
+    if "<|begin_of_text|>" in vocab and len(vocab) >= 128000:
+        return "llama-bpe"
+    return "gpt-2"
+
+
+def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Path:
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qtune.export import fault_point, publish, staging_dir_for
+
+    config = AutoConfig.from_pretrained(merged_dir)
+    model_type = config.model_type
+    if model_type not in GGUF_ARCHITECTURES:
+        raise QtuneError(f"GGUF export does not support the '{model_type}' architecture",
+                         fix=f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}", code=EXIT_ENVIRONMENT)
+    arch = GGUF_ARCHITECTURES[model_type]
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer_model, tokens, scores, types, merges = vocabulary(merged_dir, tokenizer)
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    file_type = {"F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    location = tensor_files(merged_dir)
+    if config.tie_word_embeddings:
+        location.pop("lm_head.weight", None)
+
+    plan = []  # (gguf name, hf name, ggml type)
+    for hf_name in location:
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise QtuneError(f"no GGUF name for tensor '{hf_name}'", fix="this model layout is not supported for GGUF",
+                             code=EXIT_ENVIRONMENT)
+        plan.append((gguf_name, hf_name, tensor_type(hf_name, location, qtype)))
+
+    staging = staging_dir_for(target)
+    staging.unlink(missing_ok=True)
+    writer = gguf.GGUFWriter(None, arch)
+    try:
+        writer.add_name(Path(merged_dir).name)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(rope_theta(config)))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(len(tokens))
+        writer.add_file_type(file_type)
+        writer.add_tokenizer_model(tokenizer_model)
+        writer.add_tokenizer_pre(pre_tokenizer_name(model_type, tokenizer))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        if scores is not None:
+            writer.add_token_scores(scores)
+        if merges:
+            writer.add_token_merges(merges)
+        add_special_tokens(writer, tokenizer, config)
+        if tokenizer.chat_template:
+            writer.add_chat_template(tokenizer.chat_template)
+
+        shapes = {}
+        for gguf_name, hf_name, ggml_type in plan:
+            shape = tensor_shape(location, hf_name)
+            shapes[hf_name] = shape
+            if ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dtype = np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16
+                writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            else:
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, ggml_type)
+                writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=ggml_type)
+        writer.write_header_to_file(path=staging)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for index, (gguf_name, hf_name, ggml_type) in enumerate(plan):
+            data = read_tensor(location, hf_name)
+            if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
+                data = permute_for_llama_rotary(data, heads, heads)
+            elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
+                data = permute_for_llama_rotary(data, heads, kv_heads)
+            if ggml_type == gguf.GGMLQuantizationType.F32:
+                data = data.astype(np.float32)
+            elif ggml_type == gguf.GGMLQuantizationType.F16:
+                data = data.astype(np.float16)
+            else:
+                data = gguf.quants.quantize(data.astype(np.float32), ggml_type)
+            writer.write_tensor_data(data)
+            if index == len(plan) // 2:
+                fault_point("gguf")
+        writer.close()
+        publish(staging, target)
+    except BaseException:
+        writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    echo(f"export: {target.name}: {target.stat().st_size / 2**20:.1f} MiB ({quant})")
+    return target
+
+
+def rope_theta(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return parameters.get("rope_theta") or getattr(config, "rope_theta", 10000.0)
+
+
+def tensor_shape(location: dict[str, Path], name: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(location[name]), framework="pt") as handle:
+        return tuple(handle.get_slice(name).get_shape())
+
+
+def tensor_type(hf_name: str, location: dict[str, Path], qtype):
+    """1-D tensors (norms, biases) stay F32 as in llama.cpp's converter; matrices take the file's type
+    where their rows fit its block size, else F16."""
+    import gguf
+
+    shape = tensor_shape(location, hf_name)
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return qtype
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def add_special_tokens(writer, tokenizer, config) -> None:
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+    probe = tokenizer("a").input_ids
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if end_of_turn is not None:
+        writer.add_eot_token_id(end_of_turn)
+
+
+# --------------------------------------------------------------------------- Ollama
+
+
+OLLAMA_TEMPLATES = {
+    "chatml": (
+        '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
+        ["<|im_end|>"],
+    ),
+    "llama3": (
+        '{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+        '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
+        '<|start_header_id|>assistant<|end_header_id|>\n\n',
+        ["<|eot_id|>"],
+    ),
+    "mistral": ("{{- range .Messages }}{{ if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]{{ else }}{{ .Content }}</s>{{ end }}{{ end }}",
+                ["[INST]", "</s>"]),
+}
+
+
+def ollama_modelfile(gguf_name: str, tokenizer, trained_on_alpaca: bool) -> str:
+    """FROM, TEMPLATE (the chat format the model was trained with) and stop tokens."""
+    from qtune.data import ALPACA_NO_INPUT
+
+    template_text = tokenizer.chat_template or ""
+    stops = [tokenizer.eos_token]
+    if trained_on_alpaca:
+        template = ALPACA_NO_INPUT.replace("{instruction}", "{{ .Prompt }}") + "{{ .Response }}"
+    elif "<|im_start|>" in template_text:
+        template, extra = OLLAMA_TEMPLATES["chatml"]
+        stops += extra
+    elif "<|start_header_id|>" in template_text:
+        template, extra = OLLAMA_TEMPLATES["llama3"]
+        stops += extra
+    elif "[INST]" in template_text:
+        template, extra = OLLAMA_TEMPLATES["mistral"]
+        stops += extra
+    else:
+        template = "{{ .Prompt }}"
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops) if s]
+    return "\n".join(lines) + "\n"

@@ -119,9 +119,10 @@ def lora_deltas(adapter_dir: Path):
     modules: dict[str, dict] = {}
     for key, value in tensors.items():
         name = key.removeprefix("base_model.model.")
-        for part in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
-            if name.endswith(part):
-                modules.setdefault(name[: -len(part)], {})[part] = value
+        part = next((p for p in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector") if name.endswith(p)), None)
+        if part is None:  # e.g. modules_to_save or trainable tokens: merging without them would be silently wrong
+            raise QtuneError(f"adapter holds weights qtune cannot merge: {key}", where=str(adapter_dir), code=EXIT_INTEGRITY)
+        modules.setdefault(name[: -len(part)], {})[part] = value
     deltas = {}
     for module, parts in modules.items():
         if ".lora_A.weight" not in parts or ".lora_B.weight" not in parts:
@@ -160,7 +161,7 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.shard_bytes:
             self.flush()
-        self.pending[name] = tensor.contiguous()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
         self.pending_bytes += size
         self.total += size
 
@@ -219,7 +220,8 @@ def original_weight_reader(model_name: str, revision: str):
     return read
 
 
-def write_merged(run: TrainedRun, target: Path, *, dtype_name: str, merge_base: str, echo=print) -> Path:
+def write_merged(run: TrainedRun, target: Path, *, dtype_name: str, merge_base: str, shard_bytes: int = SHARD_BYTES,
+                 echo=print) -> Path:
     """Merge the adapter into the base, one layer at a time, into a sharded safetensors folder.
 
     The default base is the dequantized NF4 weights the adapter was trained against: merging there
@@ -240,7 +242,7 @@ def write_merged(run: TrainedRun, target: Path, *, dtype_name: str, merge_base: 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        writer = ShardWriter(staging)
+        writer = ShardWriter(staging, shard_bytes)
         saved_keys = set(base.state_dict())  # persistent parameters and buffers, as save_pretrained writes
         seen = set()
         tied = base.config.get_text_config().tie_word_embeddings
@@ -463,19 +465,23 @@ def fidelity_samples(trained: TrainedRun, eval_data: str | None, eval_format: st
     return samples_from(dataset, limit)
 
 
-def load_artifact(fmt: str, path: Path):
+def load_artifact(fmt: str, path: Path, on_gpu: bool):
+    """Each artifact the way its users load it: transformers for merged and nf4, transformers' GGUF reader for
+    GGUF. Evaluated in fp32 on CPU (so only the file's own precision shows), in fp16 on a GPU (memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from qtune.model import keep_cpu_4bit_layout_trainable
 
+    placement = {"device_map": model_device_map()} if on_gpu else {}
+    dtype = torch.float16 if on_gpu else torch.float32
     if fmt in MERGED_FORMATS:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     if fmt == "nf4":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=model_device_map())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=model_device_map())
         keep_cpu_4bit_layout_trainable(model)
         return model
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **placement)
 
 
 def artifact_size(path: Path) -> int:
@@ -487,9 +493,11 @@ def fidelity_report(trained: TrainedRun, written: dict[str, Path], samples, *, m
     from peft import PeftModel
 
     from qtune import evaluate
-    from qtune.model import load_base
+    from qtune.model import load_base, resolve_compute_dtype
 
-    base = load_base(trained.recipe.model, trained.recipe.quant, torch.float32)
+    on_gpu = torch.cuda.is_available()
+    compute_dtype = resolve_compute_dtype(trained.recipe.quant.compute_dtype) if on_gpu else torch.float32
+    base = load_base(trained.recipe.model, trained.recipe.quant, compute_dtype)
     reference_model = PeftModel.from_pretrained(base, trained.adapter_dir)
     reference = evaluate.sample_logits(reference_model, samples)
     del reference_model, base
@@ -497,7 +505,7 @@ def fidelity_report(trained: TrainedRun, written: dict[str, Path], samples, *, m
     for fmt, path in written.items():
         if fmt == "adapter":
             continue
-        model = load_artifact(fmt, path)
+        model = load_artifact(fmt, path, on_gpu)
         row = evaluate.compare(reference, evaluate.sample_logits(model, samples), samples)
         del model
         row["size_bytes"] = artifact_size(path)

@@ -221,7 +221,13 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=p
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return fit(recipe, run_dir, *prepared, resume=resume, echo=echo)
+    metrics = fit(recipe, run_dir, *prepared, resume=resume, echo=echo)
+    if recipe.export.formats and prepared[0].is_world_process_zero():
+        from qtune import export
+
+        metrics["export"] = export.run(run_dir, list(recipe.export.formats), merge_base=recipe.export.merge_base,
+                                       eval_samples=recipe.export.eval_samples, echo=echo)
+    return metrics
 
 
 def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):

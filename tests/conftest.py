@@ -41,6 +41,21 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_llama(tmp_path_factory) -> Path:
+    """Not random: quantization and export errors only mean something on a model that knows something."""
+    from qtune.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "pre-llama", "llama", pretrain_steps=60, **TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def pretrained_qwen2(tmp_path_factory) -> Path:
+    from qtune.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "pre-qwen2", "qwen2", pretrain_steps=60, **TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
 def alpaca_file(tmp_path_factory) -> Path:
     from qtune.tiny_models import write_demo_data
 
@@ -96,6 +111,26 @@ def recipe_dict(model_dir, data_file, output_dir, fmt="alpaca", **sections) -> d
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def train_run(tmp_path_factory, model_dir, alpaca_file, name):
+    from qtune.cli import main
+
+    folder = tmp_path_factory.mktemp(name)
+    raw = recipe_dict(model_dir, alpaca_file, folder / "run", lora={"dropout": 0.05}, train={"max_steps": 10, "eval_steps": 10})
+    assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
+    return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def llama_run(tmp_path_factory, pretrained_llama, alpaca_file):
+    """A finished run on the pretrained tiny Llama (10 steps), shared by the export tests."""
+    return train_run(tmp_path_factory, pretrained_llama, alpaca_file, "llama-run")
+
+
+@pytest.fixture(scope="session")
+def qwen2_run(tmp_path_factory, pretrained_qwen2, alpaca_file):
+    return train_run(tmp_path_factory, pretrained_qwen2, alpaca_file, "qwen2-run")
 
 
 @pytest.fixture

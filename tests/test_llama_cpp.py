@@ -1,0 +1,47 @@
+"""llama.cpp itself loads qtune's GGUF files, tokenizes like transformers and predicts like the merged model.
+
+Slow and needs llama-cpp-python, a source package that builds for ~8 minutes on 2 cores:
+    pip install llama-cpp-python && python -m pytest -m slow tests/test_llama_cpp.py
+"""
+
+import numpy as np
+import pytest
+
+from qtune import export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(llama_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    export.run(llama_run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2,
+               echo=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("quant, tolerance", [("f16", 0.05), ("q8_0", 0.3), ("q4_0", 3.0)])
+def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
+    import llama_cpp  # an ImportError here is a failure: this check needs the real llama.cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llm = llama_cpp.Llama(model_path=str(exported / f"model-{quant}.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    hf_tokenizer = AutoTokenizer.from_pretrained(exported / "merged-fp16")
+    text = "Below is an instruction that describes a task.\n\n### Instruction:\nReverse the word.\n\n### Input:\napple"
+    ids = hf_tokenizer(text).input_ids
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+
+    llm.eval(ids)
+    cpp_logits = np.array(llm.eval_logits)  # one row per evaluated position
+    merged = AutoModelForCausalLM.from_pretrained(exported / "merged-fp16", dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert cpp_logits.shape == hf_logits.shape
+    print(f"llama.cpp {quant}: max |Δlogit| {np.abs(cpp_logits - hf_logits).max():.4f}, "
+          f"top-1 agreement {(cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean():.4f}")
+    assert np.abs(cpp_logits - hf_logits).max() < tolerance
+    assert (cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean() >= (0.99 if quant != "q4_0" else 0.8)
+
+    completion = llm.create_completion(text + "\n\n### Response:\n", max_tokens=8, temperature=0.0)
+    assert completion["choices"][0]["text"] is not None

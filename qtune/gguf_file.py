@@ -67,13 +67,23 @@ def vocabulary(merged_dir: Path, tokenizer):
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         return "gpt2", tokens, None, types, merges
     if model["type"] == "BPE" and model.get("byte_fallback"):
-        # SentencePiece-style vocabulary (Llama 2, Mistral v0.1): gguf-py's reader of HF files gives scores and types.
-        vocab = gguf.vocab.LlamaHfVocab(merged_dir)
-        tokens, scores, types = [], [], []
-        for text, score, kind in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(kind)
+        # SentencePiece-style vocabulary (Llama 2, Mistral v0.1). llama.cpp merges the adjacent pair whose joined
+        # piece has the highest score; gguf-py's LlamaHfVocab gives every piece the same placeholder score
+        # (-1000), which makes that order arbitrary and the tokenization wrong. A piece made by BPE merge i
+        # gets score -i, so the merge order is kept (tests/test_export.py::test_sentencepiece_vocabulary_in_gguf).
+        rank = {"".join(m if not isinstance(m, str) else m.split(" ")): i for i, m in enumerate(model.get("merges", []))}
+        tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+        scores, types = [], []
+        for index, token in enumerate(tokens):
+            scores.append(-float(rank[token]) if token in rank else 0.0)
+            if index in special or (index in added and added[index].get("special")):
+                types.append(gguf.TokenType.UNKNOWN if token == tokenizer.unk_token else gguf.TokenType.CONTROL)
+            elif index in added:
+                types.append(gguf.TokenType.USER_DEFINED)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                types.append(gguf.TokenType.BYTE)
+            else:
+                types.append(gguf.TokenType.NORMAL)
         return "llama", tokens, scores, types, None
     raise QtuneError(
         f"GGUF export does not support this tokenizer ({model['type']}, decoder {decoder})",

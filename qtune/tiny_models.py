@@ -98,6 +98,35 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     return tokenizer
 
 
+def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
+    """A Llama-2-style tokenizer: SentencePiece BPE with byte fallback (<0x00>..<0xFF>), '▁' for spaces,
+    <unk>/<s>/</s>, laid out the way transformers converts Llama 2's tokenizer.model. No chat template
+    and no pad token, like the real base model."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    probe = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Pieces never span a space, as with SentencePiece's split_by_whitespace; the final tokenizer has no
+    # pre-tokenizer, exactly like transformers' conversion of Llama 2.
+    probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 259, special_tokens=[], show_progress=False)
+    probe.train_from_iterator(corpus(seed), trainer=trainer)
+    learned = json.loads(probe.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{byte:02X}>": 3 + byte for byte in range(256)})
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in learned["merges"]]
+    spm = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    spm.normalizer = normalizer
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=4096)
+
+
 FAMILIES = ("llama", "qwen2")
 
 
@@ -116,7 +145,7 @@ def build_model(family: str, tokenizer, *, hidden: int = 256, layers: int = 4, h
         num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        eos_token_id=[t for t in (tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")) if t is not None],
         tie_word_embeddings=tie_embeddings,
         torch_dtype="float32",
     )
@@ -184,10 +213,12 @@ def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 1
     return losses
 
 
-def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, pretrain_steps: int = 0, **shape) -> Path:
-    """Build a tokenizer and a model (optionally pretrained a little) and save both (safetensors) into `out_dir`."""
+def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, pretrain_steps: int = 0,
+                     tokenizer_kind: str = "bpe", **shape) -> Path:
+    """Build a tokenizer (byte-level BPE, or Llama-2-style SentencePiece) and a model (optionally pretrained
+    a little) and save both (safetensors) into `out_dir`."""
     out = Path(out_dir)
-    tokenizer = build_tokenizer(seed=seed)
+    tokenizer = build_tokenizer(seed=seed) if tokenizer_kind == "bpe" else build_sentencepiece_tokenizer(seed=seed)
     model = build_model(family, tokenizer, seed=seed, **shape)
     losses = pretrain(model, tokenizer, steps=pretrain_steps, seed=seed) if pretrain_steps else []
     out.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,16 @@ def llama_run(tmp_path_factory, pretrained_llama, alpaca_file):
 
 
 @pytest.fixture(scope="session")
+def spm_llama_run(tmp_path_factory, alpaca_file):
+    """A run on a Llama-2-style model: SentencePiece vocabulary with byte fallback, no pad token."""
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path_factory.mktemp("models") / "spm-llama", "llama", tokenizer_kind="spm",
+                            pretrain_steps=30, **TINY_SHAPE)
+    return train_run(tmp_path_factory, base, alpaca_file, "spm-llama-run")
+
+
+@pytest.fixture(scope="session")
 def qwen2_run(tmp_path_factory, pretrained_qwen2, alpaca_file):
     return train_run(tmp_path_factory, pretrained_qwen2, alpaca_file, "qwen2-run")
 

@@ -129,6 +129,24 @@ def test_gguf_reads_back(llama_run, tmp_path):
             assert relative < tolerance, (quant, hf_name, relative)
 
 
+def test_sentencepiece_vocabulary_in_gguf(spm_llama_run, tmp_path):
+    """Llama 2 / Mistral v0.1 tokenizers: scores, byte tokens, the '▁' space marker."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    report = export.run(spm_llama_run, ["gguf_f16", "gguf_q8_0"], out_dir=tmp_path, eval_samples=8, echo=lambda *_: None)
+    assert report["artifacts"]["gguf_f16"]["top1_agreement"] >= 0.999
+    reader = gguf.GGUFReader(tmp_path / "model-f16.gguf")
+    model_field = reader.fields["tokenizer.ggml.model"]
+    assert bytes(model_field.parts[model_field.data[0]]).decode() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"]
+    assert sum(int(types.parts[i][0]) == gguf.TokenType.BYTE for i in types.data) == 256
+    hf = AutoTokenizer.from_pretrained(spm_llama_run / "adapter")
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model-f16.gguf")
+    for text in ("Add the two numbers.\n12 + 7", "ünïcödé 🙂  two  spaces", "Reverse the word."):
+        assert from_gguf(text).input_ids == hf(text).input_ids, text
+
+
 def test_unsupported_architecture_is_refused_before_writing(llama_run, tmp_path, run_cli):
     trained = export.open_run(llama_run)
     odd_base = tmp_path / "odd-base"

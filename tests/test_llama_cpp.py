@@ -12,10 +12,11 @@ from qtune import export
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def exported(llama_run, tmp_path_factory):
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+def exported(request, tmp_path_factory):
+    run = request.getfixturevalue("llama_run" if request.param == "bpe" else "spm_llama_run")
     out = tmp_path_factory.mktemp("gguf")
-    export.run(llama_run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2,
+    export.run(run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2,
                echo=lambda *_: None)
     return out
 
@@ -28,7 +29,7 @@ def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
 
     llm = llama_cpp.Llama(model_path=str(exported / f"model-{quant}.gguf"), n_ctx=256, logits_all=True, verbose=False)
     hf_tokenizer = AutoTokenizer.from_pretrained(exported / "merged-fp16")
-    text = "Below is an instruction that describes a task.\n\n### Instruction:\nReverse the word.\n\n### Input:\napple"
+    text = "Below is an instruction that describes a task.\n\n### Instruction:\nReverse the word.\n\n### Input:\napple ünï"
     ids = hf_tokenizer(text).input_ids
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
 

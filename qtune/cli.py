@@ -49,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--eval-format", help="format of --eval-data (default: the recipe's first dataset format)")
     export.add_argument("--eval-samples", type=int, default=32, help="samples compared per artifact (default 32)")
 
+    push = commands.add_parser("push", help="upload a run (adapter and/or exports) with a model card to the Hub")
+    push.add_argument("run_dir")
+    push.add_argument("--repo", required=True, help="user/name")
+    push.add_argument("--what", action="append", default=[], choices=["adapter", "merged", "nf4", "gguf"],
+                      help="what to upload (repeatable; default: adapter)")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+
+    for name, helptext in (("generate", "one completion for --prompt (for scripts)"),
+                           ("chat", "talk to the model (stdin; /reset, /exit)")):
+        command = commands.add_parser(name, help=helptext)
+        command.add_argument("run_dir")
+        if name == "generate":
+            command.add_argument("--prompt", required=True)
+        else:
+            command.add_argument("--system", help="system message for chat-format runs")
+        command.add_argument("--artifact", help="an export to use instead of the adapter: a merged/nf4 folder or a .gguf")
+        command.add_argument("--max-new-tokens", type=int, default=128)
+        command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+
     tiny = commands.add_parser("make-tiny-model", help="build a small random model + tokenizer locally (demo, tests)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
@@ -91,6 +110,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    quiet_library_noise()
+    from qtune.hub import push
+
+    push(args.run_dir, args.repo, args.what or ["adapter"], private=not args.public)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    quiet_library_noise()
+    from qtune.chat import build_prompt, generate, load_for_generation
+
+    model, tokenizer, style = load_for_generation(args.run_dir, args.artifact)
+    prompt = build_prompt(tokenizer, style, [{"role": "user", "content": args.prompt}])
+    reply = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(reply.text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    quiet_library_noise()
+    from qtune.chat import chat_loop, load_for_generation
+
+    model, tokenizer, style = load_for_generation(args.run_dir, args.artifact)
+    chat_loop(model, tokenizer, style, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              system=args.system)
+    return 0
+
+
 def cmd_make_tiny_model(args) -> int:
     quiet_library_noise()
     from pathlib import Path
@@ -126,7 +174,8 @@ def quiet_library_noise() -> None:
     transformers_logging.disable_progress_bar()
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "make-tiny-model": cmd_make_tiny_model}
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "generate": cmd_generate,
+            "chat": cmd_chat, "make-tiny-model": cmd_make_tiny_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ GGUF_FORMATS = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
 FORMATS = ("adapter", *MERGED_FORMATS, "nf4", *GGUF_FORMATS)
 # llama.cpp architecture per transformers model_type; Mistral is written as llama, as llama.cpp's converter does.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-SHARD_BYTES = 2 * 2**30
+SHARD_BYTES = 2**30  # output shard; the merge holds at most one in memory
 MERGE_BASES = ("dequantized", "original")
 
 
@@ -190,102 +190,129 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
 
 
-def original_weight_reader(model_name: str, revision: str):
-    """name -> tensor from the base checkpoint's own safetensors files (for --merge-base original)."""
+def base_checkpoint(model_name: str, revision: str) -> Path:
+    """The folder holding the base model's own files: local, or the Hub cache (downloaded if missing)."""
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_name, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as e:  # offline, gated, missing: all mean the same to the user here
+        raise EnvironmentProblem(f"cannot get the base weights of {model_name}: {type(e).__name__}",
+                                 fix="make the base model available (network, `hf auth login`, or a local folder)") from None
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file, in file order."""
     from safetensors import safe_open
 
-    path = Path(model_name).expanduser()
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(model_name, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
-        except Exception as e:  # offline, gated, missing: all mean the same to the user here
-            raise EnvironmentProblem(f"cannot get the original weights of {model_name}: {type(e).__name__}",
-                                     fix="use --merge-base dequantized (the default), or make the base available") from None
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise EnvironmentProblem(f"no safetensors weights in {path}", fix="qtune reads safetensors only")
+        raise EnvironmentProblem(f"no safetensors weights in {folder}", fix="qtune reads safetensors only")
     location = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             location.update({key: file for key in handle.keys()})
+    return location
 
-    def read(name: str):
-        if name not in location:
-            raise QtuneError(f"original checkpoint has no tensor '{name}'", code=EXIT_INTEGRITY)
-        with safe_open(str(location[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
 
-    return read
+def quantized_weight_names(config) -> set[str]:
+    """Weights bitsandbytes turns into 4-bit on load, decided by transformers' own rules on an empty (meta) model."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skip = HfQuantizer.get_modules_to_not_convert(skeleton, None, skeleton._keep_in_fp32_modules)
+    skeleton = replace_with_bnb_linear(skeleton, modules_to_not_convert=skip,
+                                       quantization_config=BitsAndBytesConfig(load_in_4bit=True), pre_quantized=False)
+    return {f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def training_compute_dtype(trained: TrainedRun):
+    """The dtype the run quantized its base in (recorded at training time), so the merge sees the same NF4 weights."""
+    import torch
+
+    from qtune.model import DTYPES, resolve_compute_dtype
+
+    metrics_file = trained.run_dir / "metrics.json"
+    if metrics_file.is_file():
+        recorded = json.loads(metrics_file.read_text()).get("compute_dtype")
+        if recorded in DTYPES:
+            return DTYPES[recorded]
+    return resolve_compute_dtype(trained.recipe.quant.compute_dtype) if torch.cuda.is_available() else torch.float32
+
+
+def nf4_round_trip(weight, quant, device):
+    """The weight as the 4-bit base holds it: quantized and dequantized exactly as bitsandbytes does on load."""
+    import bitsandbytes as bnb
+
+    packed, state = bnb.functional.quantize_4bit(weight.to(device), blocksize=64, compress_statistics=quant.double_quant,
+                                                 quant_type=quant.type)
+    return bnb.functional.dequantize_4bit(packed, state)
 
 
 def write_merged(run: TrainedRun, target: Path, *, dtype_name: str, merge_base: str, shard_bytes: int = SHARD_BYTES,
                  echo=print) -> Path:
-    """Merge the adapter into the base, one layer at a time, into a sharded safetensors folder.
+    """Merge the adapter into the base, streaming tensor by tensor from the base checkpoint into sharded safetensors.
 
     The default base is the dequantized NF4 weights the adapter was trained against: merging there
-    reproduces the adapter-on-NF4 model (the LoRA delta compensated for the quantization error),
-    while merging into the original weights adds the delta to weights it never saw.
-    Only the 4-bit model and one layer in full precision are held at a time (~0.3x of the output).
+    reproduces the adapter-on-NF4 model (the LoRA delta compensated for the quantization error), while
+    merging into the original weights adds the delta to weights it never saw. Each tensor is read with
+    its file opened only for that read, so memory holds one tensor and one output shard at a time.
     """
-    import bitsandbytes as bnb
     import torch
-
-    from qtune import model as model_stage
+    from safetensors import safe_open
+    from transformers import AutoConfig
 
     dtype = getattr(torch, dtype_name)
     deltas = lora_deltas(run.adapter_dir)
-    base = model_stage.load_base(run.recipe.model, run.recipe.quant, torch.float32)
-    read_original = original_weight_reader(run.recipe.model.name, run.recipe.model.revision) if merge_base == "original" else None
+    folder = base_checkpoint(run.recipe.model.name, run.recipe.model.revision)
+    location = checkpoint_tensors(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=run.recipe.model.trust_remote_code)
+    quantized = quantized_weight_names(config)
+    compute = training_compute_dtype(run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     staging = staging_dir_for(target)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         writer = ShardWriter(staging, shard_bytes)
-        saved_keys = set(base.state_dict())  # persistent parameters and buffers, as save_pretrained writes
-        seen = set()
-        tied = base.config.get_text_config().tie_word_embeddings
-        output_head = base.get_output_embeddings()
-        for module_name, module in base.named_modules():
-            own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
-            for param_name, value in own.items():
-                key = f"{module_name}.{param_name}" if module_name else param_name
-                if key in seen or key not in saved_keys:
-                    continue
-                seen.add(key)
-                if tied and module is output_head:
-                    continue
-                if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
-                    if read_original is not None:
-                        weight = read_original(key).float()
-                    else:
-                        weight = bnb.functional.dequantize_4bit(value.data, value.quant_state).float()
-                    if module_name in deltas:
-                        weight = merge_weight(weight, deltas.pop(module_name))
-                    writer.add(key, weight.to(dtype))
-                elif value.dtype.is_floating_point:
-                    writer.add(key, value.detach().to(dtype))
-                else:
-                    writer.add(key, value.detach())
+        for key, file in location.items():
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+            if key in quantized:
+                weight = tensor.to(compute)
+                if merge_base == "dequantized":
+                    weight = nf4_round_trip(weight, run.recipe.quant, device)
+                module = key.removesuffix(".weight")
+                if module in deltas:
+                    weight = merge_weight(weight.float(), [t.to(weight.device) if isinstance(t, torch.Tensor) else t
+                                                           for t in deltas.pop(module)])
+                tensor = weight
+            writer.add(key, tensor.to(dtype) if tensor.dtype.is_floating_point else tensor)
+            del tensor
         if deltas:
-            raise QtuneError(f"adapter layers not found in the base model: {sorted(deltas)[:3]}",
+            raise QtuneError(f"adapter layers not found in the base checkpoint: {sorted(deltas)[:3]}",
                              fix="was the adapter trained on this base?", code=EXIT_INTEGRITY)
         writer.close()
-        config = base.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = dtype_name
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        if base.generation_config is not None:
-            base.generation_config.save_pretrained(staging)
+        merged_config = config.to_dict()
+        merged_config.pop("quantization_config", None)
+        merged_config["dtype"] = dtype_name
+        (staging / "config.json").write_text(json.dumps(merged_config, indent=2))
+        if (folder / "generation_config.json").is_file():
+            shutil.copy2(folder / "generation_config.json", staging / "generation_config.json")
         copy_tokenizer(run.adapter_dir, staging)
         fault_point("merged")
         publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        del base
     echo(f"export: {target.name}: {writer.total / 2**20:.1f} MiB in {len(writer.files)} shard(s)")
     return target
 

@@ -31,14 +31,18 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # --------------------------------------------------------------------------- run folder
 
 
-def prepare_run_dir(train: TrainSection, *, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+def prepare_run_dir(train: TrainSection, *, resume: bool, overwrite: bool, hub_checkpoints: bool = False) -> tuple[Path, bool]:
     """Check the output folder; returns it and whether this call created it.
 
     Never writes into (or deletes) a non-empty folder unless asked: --resume continues a qtune run,
-    --overwrite starts one over.
+    --overwrite starts one over. With checkpoints on the Hub, --resume may start from an empty folder.
     """
     run_dir = Path(train.output_dir).expanduser()
     is_run = (run_dir / RECIPE_FILE).is_file()
+    if resume and hub_checkpoints and not is_run and not (run_dir.is_dir() and any(run_dir.iterdir())):
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, created
     if resume:
         if not is_run:
             raise QtuneError(
@@ -214,7 +218,8 @@ def peak_memory_bytes(use_cpu: bool) -> int:
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=print) -> dict:
     """Fine-tune as the recipe says; returns the metrics also written to metrics.json."""
-    run_dir, created = prepare_run_dir(recipe.train, resume=resume, overwrite=overwrite)
+    run_dir, created = prepare_run_dir(recipe.train, resume=resume, overwrite=overwrite,
+                                       hub_checkpoints=recipe.hub.push_checkpoints)
     try:
         prepared = prepare(recipe, run_dir, resume=resume, echo=echo)
     except BaseException:
@@ -222,11 +227,16 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=p
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     metrics = fit(recipe, run_dir, *prepared, resume=resume, echo=echo)
-    if recipe.export.formats and prepared[0].is_world_process_zero():
-        from qtune import export
+    if prepared[0].is_world_process_zero():
+        if recipe.export.formats:
+            from qtune import export
 
-        metrics["export"] = export.run(run_dir, list(recipe.export.formats), merge_base=recipe.export.merge_base,
-                                       eval_samples=recipe.export.eval_samples, echo=echo)
+            metrics["export"] = export.run(run_dir, list(recipe.export.formats), merge_base=recipe.export.merge_base,
+                                           eval_samples=recipe.export.eval_samples, echo=echo)
+        if recipe.hub.repo_id:
+            from qtune import hub
+
+            hub.push(run_dir, recipe.hub.repo_id, list(recipe.hub.push), private=recipe.hub.private, echo=echo)
     return metrics
 
 
@@ -239,12 +249,21 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     checkpoint = None
     if resume:
         checkpoint = newest_checkpoint(run_dir)
+        if checkpoint is None and recipe.hub.push_checkpoints:
+            from qtune import hub
+
+            echo(f"resume: no local checkpoint, fetching the newest from {recipe.hub.repo_id}")
+            checkpoint = hub.pull_newest_checkpoint(recipe.hub.repo_id, run_dir)
         if checkpoint is None:
             raise QtuneError(
                 f"no complete checkpoint under {run_dir / CHECKPOINTS}",
                 fix="run without --resume (and with --overwrite) to start over",
                 code=EXIT_INTEGRITY,
             )
+    if recipe.hub.repo_id:
+        from qtune import hub
+
+        hub.require_token()  # before hours of training, not after
     use_cpu = not torch.cuda.is_available()
     compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
     tokenizer = model_stage.load_tokenizer(recipe.model)
@@ -268,11 +287,30 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     echo(f"model: loaded in {load_seconds:.1f} s; LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     with env_defaults(WANDB_DIR=str(run_dir)):
-        trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir)
+        trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub)
     return trainer, prepared, checkpoint, use_cpu
 
 
-def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_dir: Path):
+def checkpoint_pusher_class():
+    from transformers import TrainerCallback
+
+    class CheckpointPusher(TrainerCallback):
+        """Each checkpoint to the Hub as soon as it is saved, so a killed Colab run resumes elsewhere."""
+
+        def __init__(self, repo_id: str, private: bool, run_dir: Path):
+            self.repo_id, self.private, self.run_dir = repo_id, private, run_dir
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                from qtune import hub
+
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                hub.push_checkpoint(self.repo_id, checkpoint, self.run_dir, private=self.private)
+
+    return CheckpointPusher
+
+
+def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_dir: Path, hub):
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
@@ -288,6 +326,8 @@ def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_
     model_stage.keep_trainable_in_fp32(trainer.model)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress_callback_class()())
+    if hub.push_checkpoints:
+        trainer.add_callback(checkpoint_pusher_class()(hub.repo_id, hub.private, run_dir))
     if "tensorboard" in log.report_to:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -332,6 +372,8 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
         "tokens_per_second": session_tokens / runtime if runtime and runtime > 0 else None,
         "peak_memory_bytes": peak_memory_bytes(use_cpu),
         "peak_memory_kind": "cpu_rss" if use_cpu or not torch.cuda.is_available() else "cuda_allocated",
+        # The dtype the base was quantized in; export re-creates the same 4-bit weights from it.
+        "compute_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[compute_dtype_of(trainer)],
         "resumed_from": checkpoint.name if checkpoint is not None else None,
         "data": prepared.report,
     }
@@ -341,6 +383,17 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
         plot_losses(trainer.state.log_history, run_dir / "loss.png", eval_before=eval_before)
         echo(summary(metrics, run_dir))
     return metrics
+
+
+def compute_dtype_of(trainer):
+    """The compute dtype the base was loaded (and so quantized) in, as its quantization config records it."""
+    import torch
+
+    config = trainer.model.get_base_model().config.quantization_config
+    dtype = config.bnb_4bit_compute_dtype if not isinstance(config, dict) else config.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype
 
 
 def final_evaluation(trainer) -> dict:

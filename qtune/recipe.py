@@ -175,6 +175,24 @@ class ExportSection(Section):
     """Validation samples used to compare every export with the trained model."""
 
 
+class HubSection(Section):
+    repo_id: str | None = None
+    """Hub repo (user/name) to push to after training and export. The token comes from HF_TOKEN or `hf auth login`."""
+    private: bool = True
+    """Create the repo private (the default)."""
+    push: list[Literal["adapter", "merged", "nf4", "gguf"]] = ["adapter"]
+    """What to push after training: adapter, merged, nf4, gguf (exports must be in export.formats)."""
+    push_checkpoints: bool = False
+    """Push every saved checkpoint too, so `qtune train RECIPE --resume` can continue on a fresh machine (Colab)."""
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_shape(cls, value):
+        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            raise ValueError("hub.repo_id must look like user/name")
+        return value
+
+
 class Recipe(Section):
     """A whole fine-tuning job. Each stage reads only its own section."""
 
@@ -185,6 +203,13 @@ class Recipe(Section):
     train: TrainSection
     log: LogSection = LogSection()
     export: ExportSection = ExportSection()
+    hub: HubSection = HubSection()
+
+    @model_validator(mode="after")
+    def _checkpoint_push_needs_a_repo(self) -> Recipe:
+        if self.hub.push_checkpoints and not self.hub.repo_id:
+            raise ValueError("hub.push_checkpoints needs hub.repo_id")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

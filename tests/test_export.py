@@ -50,6 +50,20 @@ def test_nf4_export_loads_with_no_extra_arguments(llama_run, tmp_path):
     assert all(p.suffix != ".bin" for p in (tmp_path / "nf4").iterdir())
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_merge_quantizes_exactly_the_layers_the_loader_does(family, pretrained_llama, pretrained_qwen2):
+    import bitsandbytes as bnb
+    from transformers import AutoConfig
+
+    from qtune.model import load_base
+    from qtune.recipe import ModelSection, QuantSection
+
+    folder = pretrained_llama if family == "llama" else pretrained_qwen2
+    loaded = load_base(ModelSection(name=str(folder)), QuantSection(), torch.float32)
+    expected = {f"{n}.weight" for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert export.quantized_weight_names(AutoConfig.from_pretrained(folder)) == expected
+
+
 def reference_and_merged_logits(run_dir, merged_dir, batch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

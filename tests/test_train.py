@@ -26,6 +26,7 @@ def test_cli_train_end_to_end(tmp_path, tiny_llama, alpaca_file, run_cli):
                 "tokens_per_second", "peak_memory_bytes"):
         assert metrics[key] is not None, key
     assert metrics["global_step"] == 8
+    assert metrics["compute_dtype"] == "fp32"  # CPU: auto must pick fp32
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)
     assert metrics["train_tokens"] > 0 and metrics["tokens_per_second"] > 0

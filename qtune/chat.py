@@ -1,0 +1,130 @@
+"""Try the model: one-shot generation and an interactive chat, on the adapter or on any export.
+
+The prompt is built the way the run trained: the chat template for messages/sharegpt data, Stanford's
+alpaca prompt for alpaca data, the raw prompt otherwise. Generation stops at EOS or the template's
+end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtune.errors import EnvironmentProblem
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "stop": an EOS / end-of-turn token; "length": max_new_tokens reached
+    new_tokens: int
+
+
+def prompt_style(recipe) -> str:
+    formats = {d.format for d in recipe.data.datasets}
+    if formats & {"messages", "sharegpt"}:
+        return "chat"
+    if formats == {"alpaca"}:
+        return "alpaca"
+    return "raw"
+
+
+def load_for_generation(run_dir: str | Path, artifact: str | None = None):
+    """(model, tokenizer, style). Default: the adapter on the 4-bit base, as trained."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.export import open_run
+    from qtune.model import keep_cpu_4bit_layout_trainable, load_base, resolve_compute_dtype
+
+    trained = open_run(run_dir)
+    style = prompt_style(trained.recipe)
+    if artifact is None:
+        from peft import PeftModel
+
+        base = load_base(trained.recipe.model, trained.recipe.quant, resolve_compute_dtype(trained.recipe.quant.compute_dtype))
+        model = PeftModel.from_pretrained(base, trained.adapter_dir)
+        tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
+    else:
+        path = Path(artifact)
+        if not path.exists():
+            raise EnvironmentProblem(f"artifact not found: {artifact}", fix="give an export folder or .gguf file")
+        dtype = torch.float32 if not torch.cuda.is_available() else torch.float16
+        if path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        keep_cpu_4bit_layout_trainable(model)
+    return model.eval(), tokenizer, style
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t != tokenizer.pad_token)
+    return sorted(i for i in ids if i is not None)
+
+
+def build_prompt(tokenizer, style: str, messages: list[dict]) -> list[int]:
+    from qtune.data import ALPACA_NO_INPUT
+
+    if style == "chat":
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    last = messages[-1]["content"]
+    text = ALPACA_NO_INPUT.format(instruction=last) if style == "alpaca" else last
+    return tokenizer(text).input_ids
+
+
+def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0) -> Reply:
+    import torch
+
+    stops = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    inputs = torch.tensor([prompt_ids], device=device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                eos_token_id=stops, pad_token_id=tokenizer.pad_token_id or stops[0], **sampling)
+    new = output[0, len(prompt_ids):].tolist()
+    finished = bool(new) and new[-1] in stops
+    text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=True)
+    return Reply(text=text.strip(), finish_reason="stop" if finished else "length", new_tokens=len(new))
+
+
+def chat_loop(model, tokenizer, style: str, *, stdin=None, stdout=None, max_new_tokens: int = 128,
+              temperature: float = 0.0, system: str | None = None) -> None:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    interactive = stdin.isatty()
+    if interactive:
+        print("qtune chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=stdout)
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, build_prompt(tokenizer, style, history), max_new_tokens=max_new_tokens,
+                         temperature=temperature)
+        history.append({"role": "assistant", "content": reply.text})
+        print(f"model> {reply.text}", file=stdout)
+        if reply.finish_reason == "length":
+            print(f"[stopped at max_new_tokens={max_new_tokens}]", file=stdout)
+        stdout.flush()

@@ -90,7 +90,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
 
 
 def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, compute_dtype, has_eval: bool,
-                     max_length: int, use_cpu: bool):
+                     max_length: int, use_cpu: bool, eval_before: bool = False):
     import dataclasses
 
     import torch
@@ -120,6 +120,10 @@ def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, com
         optim=train.optimizer,
         seed=train.seed,
         data_seed=train.seed,
+        # The loss before training comes from the Trainer's own eval at step 0. A trainer.evaluate() call before
+        # train() marks the model as prepared for accelerate, which then never wraps it in DDP: every rank would
+        # train alone (tests/test_distributed.py checks the adapters of both ranks are identical).
+        eval_on_start=eval_before,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
         save_strategy="steps",
@@ -140,6 +144,7 @@ def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, com
         packing=False,
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
         dataloader_pin_memory=not use_cpu,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass per step
         disable_tqdm=False,
     )
     settings.update(train.extra)
@@ -151,6 +156,12 @@ def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, com
 
 
 # --------------------------------------------------------------------------- callbacks
+
+
+def torch_dataset_base():
+    from torch.utils.data import Dataset
+
+    return Dataset
 
 
 def progress_callback_class():
@@ -218,8 +229,16 @@ def peak_memory_bytes(use_cpu: bool) -> int:
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=print) -> dict:
     """Fine-tune as the recipe says; returns the metrics also written to metrics.json."""
-    run_dir, created = prepare_run_dir(recipe.train, resume=resume, overwrite=overwrite,
-                                       hub_checkpoints=recipe.hub.push_checkpoints)
+    from qtune import distributed
+
+    if distributed.rank() == 0:
+        run_dir, created = prepare_run_dir(recipe.train, resume=resume, overwrite=overwrite,
+                                           hub_checkpoints=recipe.hub.push_checkpoints)
+        distributed.barrier()
+    else:
+        echo = lambda *_: None  # noqa: E731  (one voice: the main process reports)
+        distributed.barrier()  # the main process has prepared (or refused) the run folder
+        run_dir, created = Path(recipe.train.output_dir).expanduser(), False
     try:
         prepared = prepare(recipe, run_dir, resume=resume, echo=echo)
     except BaseException:
@@ -275,12 +294,19 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     config = build_sft_config(
         recipe.train, recipe.log, run_dir=run_dir, compute_dtype=compute_dtype,
         has_eval=prepared.val is not None, max_length=recipe.data.max_length, use_cpu=use_cpu,
+        eval_before=prepared.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
     )
-    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    if trainer_is_main():
+        (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     echo(f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})")
     started = time.perf_counter()
     base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
     model_stage.check_vocabulary_fits(base, tokenizer, prepared)
+    from transformers import set_seed
+
+    # The LoRA init draws from the global RNG: seed it here, or it depends on whatever ran before (under
+    # torchrun the process-group setup does), and two launches of one recipe start from different adapters.
+    set_seed(recipe.train.seed)
     peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     load_seconds = time.perf_counter() - started
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -289,6 +315,45 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     with env_defaults(WANDB_DIR=str(run_dir)):
         trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub)
     return trainer, prepared, checkpoint, use_cpu
+
+
+class SampleTracer(torch_dataset_base()):
+    """QTUNE_SAMPLE_TRACE=1: the training sample indices each process fetches, batch by batch, in order.
+
+    How the tests prove each DDP rank trained its own shard, and that a resumed run saw the same samples
+    as an uninterrupted one. It wraps the training set only, so evaluation batches never show up.
+    """
+
+    def __init__(self, dataset, folder: Path, process_index: int):
+        self.dataset = dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"rank-{process_index}.jsonl"
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _record(self, indices):
+        with self.path.open("a") as f:
+            f.write(json.dumps([int(i) for i in indices]) + "\n")
+
+    def __getitem__(self, index):
+        self._record([index])
+        return self.dataset[index]
+
+    def __getitems__(self, indices):
+        self._record(indices)
+        return [self.dataset[int(i)] for i in indices]
+
+
+def lora_fingerprint(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def checkpoint_pusher_class():
@@ -310,6 +375,12 @@ def checkpoint_pusher_class():
     return CheckpointPusher
 
 
+def trainer_is_main() -> bool:
+    from qtune import distributed
+
+    return distributed.rank() == 0
+
+
 def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_dir: Path, hub):
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
@@ -324,6 +395,11 @@ def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_
         processing_class=tokenizer,
     )
     model_stage.keep_trainable_in_fp32(trainer.model)
+    from qtune import distributed
+
+    distributed.check_world_size(trainer.args.world_size)
+    if os.environ.get("QTUNE_SAMPLE_TRACE"):
+        trainer.train_dataset = SampleTracer(trainer.train_dataset, run_dir / "sample_trace", trainer.args.process_index)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress_callback_class()())
     if hub.push_checkpoints:
@@ -343,14 +419,12 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
     has_eval = prepared.val is not None
     before_path = run_dir / EVAL_BEFORE
     with env_defaults(WANDB_DIR=str(run_dir)):
-        if has_eval and not before_path.is_file():
-            eval_before = trainer.evaluate()["eval_loss"]
-            if main_process:
-                write_json_atomically(before_path, {"eval_loss_before": eval_before})
-            echo(f"eval: loss before training {eval_before:.4f}")
         if checkpoint is not None:
             echo(f"resume: continuing from {checkpoint.name}")
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if trainer.args.eval_on_start and main_process:
+            first_eval = next(h for h in trainer.state.log_history if "eval_loss" in h)
+            write_json_atomically(before_path, {"eval_loss_before": first_eval["eval_loss"]})
         final_eval = final_evaluation(trainer) if has_eval else {}
         if "wandb" in recipe.log.report_to and main_process:
             import wandb
@@ -377,6 +451,10 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
         "resumed_from": checkpoint.name if checkpoint is not None else None,
         "data": prepared.report,
     }
+    metrics["world_size"] = trainer.args.world_size
+    if os.environ.get("QTUNE_SAMPLE_TRACE"):
+        trace = run_dir / "sample_trace" / f"final-rank-{trainer.args.process_index}.json"
+        trace.write_text(json.dumps({"lora_sha256": lora_fingerprint(trainer.model)}))
     if main_process:
         save_adapter(trainer, run_dir / ADAPTER)
         write_json_atomically(run_dir / METRICS, metrics)

@@ -36,7 +36,11 @@ def resolve_compute_dtype(name: str, *, cuda_available: bool | None = None, capa
     return torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
-def build_quantization_config(quant: QuantSection, compute_dtype: torch.dtype):
+def under_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
+def build_quantization_config(quant: QuantSection, compute_dtype: torch.dtype, *, fsdp: bool = False):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -44,6 +48,9 @@ def build_quantization_config(quant: QuantSection, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP shards flat parameters of one dtype: the packed 4-bit weights must be stored in the same
+        # dtype as the rest of the model (FSDP-QLoRA), not in the default uint8.
+        **({"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}),
     )
 
 
@@ -104,8 +111,10 @@ def choose_pad_token(tokenizer) -> str:
     )
 
 
-def device_map() -> dict:
-    """Each process loads onto its own device; under DDP that is LOCAL_RANK's GPU."""
+def device_map() -> dict | None:
+    """Each process loads onto its own device; under DDP that is LOCAL_RANK's GPU; FSDP places the shards itself."""
+    if under_fsdp():
+        return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return {"": "cpu"}
@@ -119,7 +128,7 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
     try:
         base = AutoModelForCausalLM.from_pretrained(
             source,
-            quantization_config=build_quantization_config(quant, compute_dtype),
+            quantization_config=build_quantization_config(quant, compute_dtype, fsdp=under_fsdp()),
             dtype=compute_dtype,
             device_map=device_map(),
             attn_implementation=model.attn_implementation,

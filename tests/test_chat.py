@@ -1,0 +1,67 @@
+"""qtune chat / generate: the prompt as trained, stopping at the end-of-turn token."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import recipe_dict, write_recipe
+from qtune.tiny_models import demo_rows
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, pretrained_llama):
+    """Trained long enough (300 short steps) on one-turn chats that it ends its replies itself."""
+    from qtune.cli import main
+
+    folder = tmp_path_factory.mktemp("chat")
+    data = folder / "chats.jsonl"
+    with data.open("w") as f:
+        for row in demo_rows(300, seed=1):
+            turns = [{"role": "user", "content": f"{row['instruction']} {row['input']}"},
+                     {"role": "assistant", "content": row["output"]}]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    raw = recipe_dict(pretrained_llama, data, folder / "run", fmt="messages",
+                      train={"max_steps": 300, "eval_steps": 300, "save_steps": 300, "logging_steps": 50})
+    assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
+    return folder / "run"
+
+
+def test_generate_stops_at_end_of_turn(chat_run):
+    from qtune.chat import build_prompt, generate, load_for_generation, stop_token_ids
+
+    model, tokenizer, style = load_for_generation(chat_run)
+    assert style == "chat"
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in stop_token_ids(model, tokenizer)
+    prompt = build_prompt(tokenizer, style, [{"role": "user", "content": "Reverse the word. stone"}])
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+    reply = generate(model, tokenizer, prompt, max_new_tokens=24)
+    assert reply.finish_reason == "stop" and reply.new_tokens < 24
+    assert "<|im_end|>" not in reply.text and reply.text
+
+
+def test_chat_through_stdin(chat_run):
+    session = "Reverse the word. stone\nAdd the two numbers. 3 + 4\n/reset\nHow many words are there? red blue\n/exit\n"
+    result = subprocess.run([sys.executable, "-m", "qtune", "chat", str(chat_run), "--max-new-tokens", "24"],
+                            input=session, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.splitlines() if line.startswith("model> ")]
+    assert len(replies) == 3
+    assert "[stopped at max_new_tokens" not in result.stdout  # every reply ended at <|im_end|>
+
+
+def test_generate_cli_on_an_export(chat_run, tmp_path, run_cli):
+    code, _, err = run_cli("export", chat_run, "--format", "merged_fp16", "--out", tmp_path, "--eval-samples", "2")
+    assert code == 0, err
+    code, out, err = run_cli("generate", chat_run, "--artifact", tmp_path / "merged-fp16", "--prompt",
+                             "Reverse the word. stone", "--max-new-tokens", "24")
+    assert code == 0, err
+    code2, out_adapter, _ = run_cli("generate", chat_run, "--prompt", "Reverse the word. stone", "--max-new-tokens", "24")
+    assert out.strip() and out == out_adapter  # the merged export answers as the adapter does (greedy)
+
+
+def test_missing_artifact(chat_run, run_cli):
+    code, _, err = run_cli("generate", chat_run, "--artifact", "/nope", "--prompt", "x")
+    assert code == 4 and "artifact not found" in err

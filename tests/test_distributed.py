@@ -1,0 +1,103 @@
+"""DDP through torchrun on CPU (gloo, 2 processes), against a single process with the same global batch;
+and the launches that silently give fewer processes than asked."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import recipe_dict, write_recipe
+from qtune.distributed import processes_asked_of_accelerate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_qtune(args, *, launcher=(), env_extra=None, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", QTUNE_SAMPLE_TRACE="1", **(env_extra or {}))
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+def step_losses(run: Path, step: int):
+    state = json.loads((run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h]
+
+
+def batches(run: Path, rank: int):
+    return [json.loads(line) for line in (run / "sample_trace" / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, pretrained_llama, alpaca_file):
+    """2 ranks x 2 samples vs 1 process x 2 samples x 2 accumulation: the same samples per optimizer step."""
+    raw = recipe_dict(pretrained_llama, alpaca_file, tmp_path / "ddp", train={"micro_batch_size": 2, "max_steps": 4,
+                                                                               "save_steps": 4, "eval_steps": 4})
+    recipe = write_recipe(tmp_path / "ddp.yaml", raw)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    result = run_qtune(["-m", "qtune", "train", str(recipe)], launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run_qtune([sys.executable, "-m", "qtune", "train", str(recipe), "--set", f"train.output_dir={tmp_path / 'single'}",
+                        "--set", "train.grad_accum=2"])
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    ddp, one = tmp_path / "ddp", tmp_path / "single"
+    assert json.loads((ddp / "metrics.json").read_text())["world_size"] == 2
+    assert json.loads((one / "metrics.json").read_text())["world_size"] == 1
+    rank0, rank1 = batches(ddp, 0), batches(ddp, 1)
+    assert not {i for b in rank0 for i in b} & {i for b in rank1 for i in b}  # each rank its own shard
+    # The loaders fetch one batch ahead, so compare the batches of the 4 optimizer steps.
+    interleaved = [b for pair in zip(rank0[:4], rank1[:4]) for b in pair]
+    assert batches(one, 0)[:8] == interleaved  # together: the single process's batches, step by step
+    fingerprints = [json.loads((ddp / "sample_trace" / f"final-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]  # identical adapters on both ranks
+    ddp_losses, one_losses = step_losses(ddp, 4), step_losses(one, 4)
+    assert len(ddp_losses) == 4
+    for (step, loss, norm), (_, loss_one, norm_one) in zip(ddp_losses, one_losses):
+        assert loss == pytest.approx(loss_one, rel=1e-4), step  # measured: equal to the last bit
+        assert norm == pytest.approx(norm_one, rel=1e-4), step
+
+
+def test_accelerate_cpu_launch_that_gives_one_process_is_refused(tmp_path, tiny_llama, alpaca_file):
+    accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher must be installed with the package"
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama, alpaca_file, tmp_path / "run"))
+    result = run_qtune([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtune", "train", str(recipe)])
+    assert result.returncode != 0
+    assert "qtune: error: asked for 2 processes but training runs in 1" in result.stderr
+    assert "Traceback" not in result.stderr.split("qtune: error:")[0][-200:]
+
+
+def test_accelerate_command_lines_are_read(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"num_processes": 4}))
+    assert processes_asked_of_accelerate(["/x/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "qtune"]) == 2
+    assert processes_asked_of_accelerate(["/x/bin/accelerate", "launch", "--num-processes=3", "t.py"]) == 3
+    assert processes_asked_of_accelerate(["accelerate", "launch", "--config_file", str(config), "-m", "qtune"]) == 4
+    assert processes_asked_of_accelerate(["python", "-m", "qtune", "train", "r.yaml"]) is None
+    assert processes_asked_of_accelerate(["/usr/bin/python3", "/x/bin/torchrun", "--nproc_per_node", "2"]) is None
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp_qlora"])
+def test_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
+    assert config.num_machines == 1
+
+
+def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    import torch
+
+    from qtune import model as model_stage
+    from qtune.recipe import QuantSection
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = model_stage.build_quantization_config(QuantSection(), torch.bfloat16, fsdp=model_stage.under_fsdp())
+    assert config.bnb_4bit_quant_storage == torch.bfloat16
+    assert model_stage.device_map() is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert model_stage.build_quantization_config(QuantSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8

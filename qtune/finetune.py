@@ -431,6 +431,9 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
 
             if wandb.run is not None:
                 wandb.finish()
+            # wandb keeps the settings of its first run (WANDB_DIR included) for the life of the process: a second
+            # qtune.train() in the same notebook would write into the first run's folder.
+            wandb.teardown()
     eval_before = json.loads(before_path.read_text())["eval_loss_before"] if before_path.is_file() else None
     runtime = result.metrics.get("train_runtime") or float("nan")
     tokens = int(trainer.state.num_input_tokens_seen)

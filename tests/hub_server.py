@@ -80,7 +80,7 @@ class FakeHub:
                     if repo_id in hub.repos:
                         return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
                     private = spec["visibility"] == "private" if "visibility" in spec else spec.get("private")
-                    hub.repos[repo_id] = {"private": private, "files": {}, "commits": 0}
+                    hub.repos[repo_id] = {"private": private, "files": {}, "commits": 0, "head": "0" * 40}
                     return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
                 if path == "/api/validate-yaml":
                     return self._json(200, {"errors": [], "warnings": []})
@@ -103,7 +103,8 @@ class FakeHub:
                         elif item["key"] == "deletedFile":
                             repo["files"].pop(item["value"]["path"], None)
                     repo["commits"] += 1
-                    oid = hashlib.sha1(f"{repo_id}{repo['commits']}".encode()).hexdigest()
+                    oid = hashlib.sha1(f"{repo_id}{repo['commits']}{id(hub)}".encode()).hexdigest()
+                    repo["head"] = oid
                     return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
                                             "pullRequestUrl": None})
                 self._json(404, {"error": f"unknown endpoint {path}"})
@@ -133,7 +134,7 @@ class FakeHub:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
-                self.send_header("X-Repo-Commit", hashlib.sha1(repo_id.encode()).hexdigest())
+                self.send_header("X-Repo-Commit", hub.repos[repo_id]["head"])  # a new commit id per commit, as the Hub
                 self.end_headers()
                 if not head:
                     self.wfile.write(data)

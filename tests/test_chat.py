@@ -12,7 +12,7 @@ from qtune.tiny_models import demo_rows
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, pretrained_llama):
-    """Trained long enough (300 short steps) on one-turn chats that it ends its replies itself."""
+    """Trained long enough (400 short steps) on one-turn chats that it ends its replies itself."""
     from qtune.cli import main
 
     folder = tmp_path_factory.mktemp("chat")
@@ -23,7 +23,7 @@ def chat_run(tmp_path_factory, pretrained_llama):
                      {"role": "assistant", "content": row["output"]}]
             f.write(json.dumps({"messages": turns}) + "\n")
     raw = recipe_dict(pretrained_llama, data, folder / "run", fmt="messages",
-                      train={"max_steps": 300, "eval_steps": 300, "save_steps": 300, "logging_steps": 50})
+                      train={"max_steps": 400, "lr": 3e-3, "eval_steps": 400, "save_steps": 400, "logging_steps": 50})
     assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
     return folder / "run"
 

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what to upload (repeatable; default: adapter)")
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
 
+    memory = commands.add_parser("memory", help="weight memory per precision, from config.json alone")
+    memory.add_argument("model", help="Hub id or local folder (only config.json is read)")
+    memory.add_argument("--revision", default="main")
+    memory.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
     for name, helptext in (("generate", "one completion for --prompt (for scripts)"),
                            ("chat", "talk to the model (stdin; /reset, /exit)")):
         command = commands.add_parser(name, help=helptext)
@@ -118,6 +123,15 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    quiet_library_noise()
+    from qtune.plan import memory_report, report_json
+
+    report = memory_report(args.model, args.revision)
+    print(report_json(report) if args.json else report["text"])
+    return 0
+
+
 def cmd_generate(args) -> int:
     quiet_library_noise()
     from qtune.chat import build_prompt, generate, load_for_generation
@@ -174,7 +188,7 @@ def quiet_library_noise() -> None:
     transformers_logging.disable_progress_bar()
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "generate": cmd_generate,
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "memory": cmd_memory, "generate": cmd_generate,
             "chat": cmd_chat, "make-tiny-model": cmd_make_tiny_model}
 
 

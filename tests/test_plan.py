@@ -1,0 +1,91 @@
+"""qtune memory: parameter inventory and bytes per precision from config.json, against real loaded models."""
+
+import json
+
+import pytest
+import torch
+
+from qtune.plan import inventory, load_config, weight_memory
+
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+LLAMA3_8B = dict(LLAMA2_7B, intermediate_size=14336, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("config, expected", [(LLAMA2_7B, 6_738_415_616), (LLAMA3_8B, 8_030_261_248)])
+def test_known_models_count_right_from_config_alone(tmp_path, config, expected):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    inv = inventory(load_config(str(tmp_path)))
+    assert inv.total == expected
+    assert inv.embeddings == inv.lm_head == config["hidden_size"] * config["vocab_size"]
+    nf4_dq = weight_memory(inv, "nf4_dq").total_bytes
+    assert 3.5 * 2**30 < nf4_dq < 4.5 * 2**30 if expected < 7e9 else True
+
+
+def shapes(tmp_path_factory):
+    from qtune.tiny_models import write_tiny_model
+
+    base = tmp_path_factory.mktemp("shapes")
+    return {
+        "llama-gqa-untied": write_tiny_model(base / "a", "llama", hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
+        "llama-mha-tied": write_tiny_model(base / "b", "llama", hidden=64, intermediate=192, layers=3, heads=2, kv_heads=2,
+                                           tie_embeddings=True),
+        "qwen2-biases": write_tiny_model(base / "c", "qwen2", hidden=128, intermediate=320, layers=2, heads=2, kv_heads=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def model_shapes(tmp_path_factory):
+    return shapes(tmp_path_factory)
+
+
+PRECISION_LOADS = {
+    "fp32": {"dtype": torch.float32},
+    "fp16": {"dtype": torch.float16},
+    "int8": {"dtype": torch.float16, "bnb": {"load_in_8bit": True}},
+    "fp4": {"dtype": torch.float16, "bnb": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}},
+    "nf4": {"dtype": torch.float16, "bnb": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}},
+    "nf4_dq": {"dtype": torch.float16, "bnb": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}},
+}
+
+
+@pytest.mark.parametrize("shape", ["llama-gqa-untied", "llama-mha-tied", "qwen2-biases"])
+@pytest.mark.parametrize("precision", list(PRECISION_LOADS))
+def test_prediction_matches_the_loaded_model(model_shapes, shape, precision):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = model_shapes[shape]
+    spec = PRECISION_LOADS[precision]
+    extra = {"quantization_config": BitsAndBytesConfig(**spec["bnb"])} if "bnb" in spec else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=spec["dtype"], device_map={"": "cpu"}, **extra)
+    predicted = weight_memory(inventory(load_config(str(folder))), precision)
+    footprint = model.get_memory_footprint()
+    assert abs(predicted.tensors_bytes - footprint) / footprint < 0.02, (predicted.tensors_bytes, footprint)
+    constants = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            constants += state.absmax.nbytes + state.code.nbytes
+            if state.nested:
+                constants += state.state2.absmax.nbytes + state.state2.code.nbytes + 4
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            constants += module.weight.SCB.nbytes
+    assert predicted.constants_bytes == constants
+
+
+def test_cli_memory_reads_only_the_config(tmp_path, run_cli):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))  # no weights at all in the folder
+    code, out, err = run_cli("memory", tmp_path)
+    assert code == 0, err
+    assert "6.74B parameters" in out and "nf4_dq" in out
+    code, out, _ = run_cli("memory", tmp_path, "--json")
+    report = json.loads(out)
+    assert report["parameters"]["total"] == 6_738_415_616
+    assert report["weights_bytes"]["fp16"]["total"] == 2 * 6_738_415_616
+
+
+def test_cli_memory_missing_model(tmp_path, run_cli):
+    code, _, err = run_cli("memory", "nobody/no-such-model-here")
+    assert code == 4 and "cannot read config.json" in err

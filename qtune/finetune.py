@@ -217,6 +217,12 @@ def env_defaults(**values: str):
             os.environ.pop(key, None)
 
 
+def current_rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def peak_memory_bytes(use_cpu: bool) -> int:
     import torch
 
@@ -300,6 +306,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
         (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     echo(f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})")
     started = time.perf_counter()
+    rss_before_model = current_rss_bytes()
     base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
     model_stage.check_vocabulary_fits(base, tokenizer, prepared)
     from transformers import set_seed
@@ -314,6 +321,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
 
     with env_defaults(WANDB_DIR=str(run_dir)):
         trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub)
+    trainer.qtune_rss_before_model = rss_before_model  # for metrics.json: the process before the model came in
     return trainer, prepared, checkpoint, use_cpu
 
 
@@ -449,6 +457,7 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
         "tokens_per_second": session_tokens / runtime if runtime and runtime > 0 else None,
         "peak_memory_bytes": peak_memory_bytes(use_cpu),
         "peak_memory_kind": "cpu_rss" if use_cpu or not torch.cuda.is_available() else "cuda_allocated",
+        "rss_before_model_bytes": getattr(trainer, "qtune_rss_before_model", None),
         # The dtype the base was quantized in; export re-creates the same 4-bit weights from it.
         "compute_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[compute_dtype_of(trainer)],
         "resumed_from": checkpoint.name if checkpoint is not None else None,

@@ -129,7 +129,7 @@ def weight_memory(inv: Inventory, precision: str, unquantized_bytes_per_param: i
         # LLM.int8: one byte per weight, plus an fp32 scale per output row (SCB)
         return WeightMemory(precision, inv.quantized + rest, sum(o * 4 for o, _ in inv.quantized_shapes))
     packed = sum(math.ceil(o * i / 2) for o, i in inv.quantized_shapes)
-    double_quant = precision == "nf4_dq"
+    double_quant = precision.endswith("_dq")
     constants = sum(quantization_constants_bytes(o * i, double_quant) for o, i in inv.quantized_shapes)
     return WeightMemory(precision, packed + rest, constants)
 
@@ -170,3 +170,129 @@ def memory_report(model_name: str, revision: str = "main") -> dict:
 
 def report_json(report: dict) -> str:
     return json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2)
+
+
+# --------------------------------------------------------------------------- training peak: qtune plan
+
+GPUS_GIB = {"t4": 15.0, "l4": 22.0, "a10g": 22.0, "rtx3090": 24.0, "rtx4090": 24.0, "a100-40gb": 40.0,
+            "a100-80gb": 80.0, "h100": 80.0, "h200": 141.0}
+CUDA_OVERHEAD_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace + allocator slack, typical on a T4-class card
+
+
+@dataclass
+class TrainingShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+def training_shape(config) -> TrainingShape:
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return TrainingShape(text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.num_hidden_layers,
+                         heads, getattr(text, "num_key_value_heads", None) or heads,
+                         getattr(text, "head_dim", None) or text.hidden_size // heads, text.vocab_size)
+
+
+def lora_parameter_count(inv: Inventory, r: int, targets: int | None = None) -> int:
+    shapes = inv.quantized_shapes if targets is None else inv.quantized_shapes[:targets]
+    return sum(r * (o + i) for o, i in shapes)
+
+
+def activation_bytes_per_token_per_layer(shape: TrainingShape, act_bytes: int, lora_dropout: bool) -> int:
+    """What autograd keeps per token and decoder layer of a Llama-style block with LoRA on every linear layer.
+
+    Frozen 4-bit matmuls keep no input for a weight gradient; LoRA branches keep their (dropped-out) input
+    and the rank-r projection; RMSNorm keeps fp32 copies; attention (SDPA) keeps q, k, v, the output and
+    the log-sum-exp; the gated MLP keeps gate, up, the activation and their product.
+    """
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
+    norms = 2 * (2 * h * 4 + h * act_bytes)  # two RMSNorms: fp32 input and normalised copy, and the cast output
+    # LoRA inputs: one shared normed input for q/k/v and for gate/up without dropout, a copy (+ mask byte) each with it
+    lora_inputs = (3 * h + h + 2 * h + i) if lora_dropout else (h + q + h + i)
+    masks = (3 * h + h + 2 * h + i) if lora_dropout else 0
+    attention = (q + kv) + (q + 2 * kv + q)  # rotary q/k, then q, k, v and the output kept by SDPA
+    mlp = 3 * i  # gate (SiLU input), SiLU output, up
+    return norms + act_bytes * (lora_inputs + attention + mlp) + masks
+
+
+def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda", compute_bytes: int = 2,
+                  framework_bytes: int | None = None) -> dict:
+    """Predicted peak training memory, broken down, for the recipe's model, LoRA, batch and sequence length."""
+    config = load_config(recipe.model.name, recipe.model.revision)
+    inv = inventory(config)
+    shape = training_shape(config)
+    tokens = recipe.train.micro_batch_size * recipe.data.max_length
+    weights = weight_memory(inv, recipe.quant.type + ("_dq" if recipe.quant.double_quant else ""))
+    quantized_bytes = weights.total_bytes - inv.unquantized * 2
+    # peft's prepare_model_for_kbit_training keeps the unquantized parts (embeddings, lm_head, norms) in fp32
+    unquantized_bytes = inv.unquantized * 4
+    lora = lora_parameter_count(inv, recipe.lora.r)
+    optimizer_bytes_per_param = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
+    lora_bytes = lora * (4 + 4 + optimizer_bytes_per_param[recipe.train.optimizer])
+    per_layer = activation_bytes_per_token_per_layer(shape, compute_bytes, recipe.lora.dropout > 0)
+    if recipe.train.gradient_checkpointing:
+        # layer inputs kept, one layer recomputed at a time
+        activations = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    without_checkpointing = tokens * shape.layers * per_layer
+    with_checkpointing = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer)
+    # Without a fused kernel (CPU, eager) attention materialises scores and probabilities per layer: b x heads x s^2.
+    fused_attention = device == "cuda" and recipe.model.attn_implementation != "eager"
+    score_bytes = 0 if fused_attention else (recipe.train.micro_batch_size * shape.heads * recipe.data.max_length ** 2
+                                             * compute_bytes * 2)
+    activations += score_bytes * (1 if recipe.train.gradient_checkpointing else shape.layers)
+    # logits in the compute dtype, their fp32 log-softmax and its gradient
+    logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
+    if framework_bytes is None:
+        framework_bytes = CUDA_OVERHEAD_BYTES if device == "cuda" else 0
+    parts = {
+        "quantized_base": quantized_bytes,
+        "unquantized_parts_fp32": unquantized_bytes,
+        "lora_weights_grads_optimizer": lora_bytes,
+        "activations": activations,
+        "logits_and_loss": logits,
+        "framework_overhead": framework_bytes,
+    }
+    total = sum(parts.values())
+    result = {"model": recipe.model.name, "tokens_per_micro_batch": tokens, "parts": parts, "total_bytes": total,
+              "activations_with_checkpointing": with_checkpointing,
+              "activations_without_checkpointing": without_checkpointing, "lora_parameters": lora}
+    if gpu_gib is not None:
+        budget = gpu_gib * 2**30
+        result["gpu_bytes"] = budget
+        result["fits"] = total <= budget
+        fixed = total - activations - logits
+        per_token = (activations + logits) / tokens
+        max_tokens = int((budget - fixed) / per_token) if budget > fixed else 0
+        result["largest_max_length"] = max_tokens // recipe.train.micro_batch_size
+        result["largest_micro_batch_size"] = max_tokens // recipe.data.max_length
+        if not recipe.train.gradient_checkpointing:
+            result["with_gradient_checkpointing_bytes"] = total - activations + with_checkpointing
+    return result
+
+
+def describe_plan(plan: dict, gpu: str | None) -> str:
+    gib = 2**30
+    lines = [f"{plan['model']}: predicted peak training memory {plan['total_bytes'] / gib:.2f} GiB "
+             f"({plan['tokens_per_micro_batch']} tokens per micro-batch)"]
+    for name, value in plan["parts"].items():
+        lines.append(f"  {name.replace('_', ' '):<32} {value / gib:8.2f} GiB")
+    lines.append(f"  (activations: {plan['activations_with_checkpointing'] / gib:.2f} GiB with gradient checkpointing, "
+                 f"{plan['activations_without_checkpointing'] / gib:.2f} GiB without)")
+    if "fits" in plan:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines.append(f"{gpu}: {plan['gpu_bytes'] / gib:.0f} GiB -> {verdict}")
+        if not plan["fits"]:
+            lines.append(f"  largest data.max_length at this micro_batch_size: {plan['largest_max_length']}")
+            lines.append(f"  largest train.micro_batch_size at this max_length: {plan['largest_micro_batch_size']}")
+            if "with_gradient_checkpointing_bytes" in plan:
+                lines.append(f"  train.gradient_checkpointing: true would need "
+                             f"{plan['with_gradient_checkpointing_bytes'] / gib:.2f} GiB (the biggest single saving)")
+    return "\n".join(lines)

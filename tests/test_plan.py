@@ -89,3 +89,29 @@ def test_cli_memory_reads_only_the_config(tmp_path, run_cli):
 def test_cli_memory_missing_model(tmp_path, run_cli):
     code, _, err = run_cli("memory", "nobody/no-such-model-here")
     assert code == 4 and "cannot read config.json" in err
+
+
+def test_plan_breakdown_and_fit_advice(tmp_path, run_cli):
+    """The arithmetic of `qtune plan` (its accuracy is not claimed yet: see the README)."""
+    import yaml
+
+    from qtune.plan import plan_training
+    from qtune.recipe import validate_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    raw = {"model": {"name": str(tmp_path)}, "data": {"datasets": [{"path": "d.jsonl", "format": "alpaca"}], "max_length": 1024},
+           "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 4, "gradient_checkpointing": True}}
+    plan = plan_training(validate_recipe(raw), gpu_gib=15.0)
+    assert plan["total_bytes"] == sum(plan["parts"].values())
+    assert 3.0 * 2**30 < plan["parts"]["quantized_base"] < 3.5 * 2**30  # Llama-2-7B linear layers, NF4 + double quant
+    assert plan["activations_with_checkpointing"] < plan["activations_without_checkpointing"]
+    tight = plan_training(validate_recipe(dict(raw, train=dict(raw["train"], micro_batch_size=64))), gpu_gib=15.0)
+    assert not tight["fits"] and 0 < tight["largest_micro_batch_size"] < 64
+    assert tight["largest_max_length"] < 1024
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli("plan", recipe, "--gpu", "t4")
+    assert code == 0, err
+    assert "predicted peak training memory" in out and "t4: 15 GiB" in out
+    code, _, err = run_cli("plan", recipe, "--gpu", "tpu9000")
+    assert code == 2 and "unknown --gpu" in err

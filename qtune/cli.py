@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     plan.add_argument("--gpu", help="t4, l4, a10g, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 16GB")
 
+    evaluation = commands.add_parser("eval", help="loss and perplexity of the 4-bit base, the adapter and every export")
+    evaluation.add_argument("run_dir")
+    evaluation.add_argument("--data", help="a data file (default: the run's validation split)")
+    evaluation.add_argument("--format", dest="data_format", help="format of --data (default: the recipe's first)")
+    evaluation.add_argument("--samples", type=int, default=64)
+
+    report = commands.add_parser("quantize-report", help="every precision of one model: memory, load time, perplexity")
+    report.add_argument("model", help="a local model folder")
+    report.add_argument("--data", required=True, help="data file to measure perplexity on")
+    report.add_argument("--format", dest="data_format", default="text")
+    report.add_argument("--samples", type=int, default=64)
+    report.add_argument("--max-length", type=int, default=512)
+    report.add_argument("--out", help="folder for quantize_report/ (default: current folder)")
+
     for name, helptext in (("generate", "one completion for --prompt (for scripts)"),
                            ("chat", "talk to the model (stdin; /reset, /exit)")):
         command = commands.add_parser(name, help=helptext)
@@ -163,6 +177,23 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    quiet_library_noise()
+    from qtune.evaluate import eval_run
+
+    eval_run(args.run_dir, data=args.data, data_format=args.data_format, samples=args.samples)
+    return 0
+
+
+def cmd_quantize_report(args) -> int:
+    quiet_library_noise()
+    from qtune.evaluate import quantize_report
+
+    quantize_report(args.model, args.data, data_format=args.data_format, samples=args.samples,
+                    max_length=args.max_length, out_dir=args.out)
+    return 0
+
+
 def cmd_generate(args) -> int:
     quiet_library_noise()
     from qtune.chat import build_prompt, generate, load_for_generation
@@ -219,7 +250,8 @@ def quiet_library_noise() -> None:
     transformers_logging.disable_progress_bar()
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "memory": cmd_memory, "plan": cmd_plan, "generate": cmd_generate,
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "memory": cmd_memory, "plan": cmd_plan, "eval": cmd_eval,
+            "quantize-report": cmd_quantize_report, "generate": cmd_generate,
             "chat": cmd_chat, "make-tiny-model": cmd_make_tiny_model}
 
 

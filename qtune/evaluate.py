@@ -89,3 +89,159 @@ def format_table(rows: dict[str, dict], reference_perplexity: float) -> str:
             f"{100 * row['top1_agreement']:>7.2f}% {100 * row['top1_agreement_raw']:>8.2f}% {row['max_abs_logit_diff']:>12.4f}"
         )
     return "\n".join(lines)
+
+
+def mean_loss(logits: list[torch.Tensor], samples: list[Sample]) -> float:
+    return math.log(perplexity(logits, samples))
+
+
+# --------------------------------------------------------------------------- qtune eval
+
+
+def eval_run(run_dir, *, data: str | None = None, data_format: str | None = None, samples: int = 64, echo=print) -> dict:
+    """Loss and perplexity of the 4-bit base, the adapter and every export in the run, on the same samples."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from qtune import export
+    from qtune.model import load_base
+
+    trained = export.open_run(run_dir)
+    chosen = export.fidelity_samples(trained, data, data_format, samples)
+    on_gpu = torch.cuda.is_available()
+    compute = torch.float32
+    rows = {}
+    base = load_base(trained.recipe.model, trained.recipe.quant, compute)
+    rows["base (4-bit)"] = sample_logits(base, chosen)
+    adapted = PeftModel.from_pretrained(base, trained.adapter_dir)
+    rows["adapter"] = sample_logits(adapted, chosen)
+    del adapted, base
+    export_dir = Path(run_dir) / "export"
+    found = {"merged_fp16": export_dir / "merged-fp16", "merged_bf16": export_dir / "merged-bf16", "nf4": export_dir / "nf4"}
+    found.update({f: export_dir / f"model-{q.lower()}.gguf" for f, q in export.GGUF_FORMATS.items()})
+    for fmt, path in found.items():
+        if path.exists():
+            model = export.load_artifact(fmt, path, on_gpu)
+            rows[fmt] = sample_logits(model, chosen)
+            del model
+    table = {name: {"loss": mean_loss(logits, chosen), "perplexity": perplexity(logits, chosen)} for name, logits in rows.items()}
+    echo(f"{'model':<14} {'loss':>8} {'perplexity':>11}   ({len(chosen)} samples)")
+    for name, row in table.items():
+        echo(f"{name:<14} {row['loss']:>8.4f} {row['perplexity']:>11.4f}")
+    report = {"samples": len(chosen), "data": data or "validation split", "models": table}
+    from qtune.finetune import write_json_atomically
+
+    write_json_atomically(Path(run_dir) / "eval_report.json", report)
+    return report
+
+
+# --------------------------------------------------------------------------- qtune quantize-report
+
+
+QUANTIZE_REPORT_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp4", "nf4", "nf4_dq")
+
+
+def load_in_precision(model_dir: str, precision: str):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qtune.model import device_map, keep_cpu_4bit_layout_trainable
+
+    if precision in ("fp32", "bf16", "fp16"):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map())
+    if precision == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4" if precision.startswith("nf4") else "fp4",
+                                    bnb_4bit_use_double_quant=precision.endswith("_dq"), bnb_4bit_compute_dtype=torch.float32)
+    # Unquantized parts in fp16, as a GPU load would keep them (the footprint qtune memory predicts).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16, quantization_config=config,
+                                                 device_map=device_map())
+    keep_cpu_4bit_layout_trainable(model)
+    return model
+
+
+@torch.no_grad()
+def quantized_logits(model, samples: list[Sample]) -> list[torch.Tensor]:
+    """Logits with fp32 activations where the weights allow it, so only the weights' precision shows."""
+    embed = model.get_input_embeddings()
+    out = []
+    for sample in samples:
+        ids = torch.tensor([sample.input_ids], device=embed.weight.device)
+        out.append(model(input_ids=ids).logits[0].float().cpu())
+    return out
+
+
+def quantize_report(model_dir: str, data: str, *, data_format: str = "text", samples: int = 64, max_length: int = 512,
+                    out_dir: str | None = None, echo=print) -> dict:
+    """Each precision of one model side by side: memory, load time, perplexity on the user's data."""
+    import json
+    import time
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from qtune import data as data_stage
+    from qtune.model import choose_pad_token
+    from qtune.plan import inventory, load_config, weight_memory
+    from qtune.recipe import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    choose_pad_token(tokenizer)
+    section = DataSection(datasets=[{"path": data, "format": data_format}], max_length=max_length, val_size=0)
+    chosen = samples_from(data_stage.build(section, tokenizer, seed=0).train, samples, max_length)
+    predicted = inventory(load_config(model_dir))
+    rows = {}
+    reference = None
+    for precision in QUANTIZE_REPORT_PRECISIONS:
+        started = time.perf_counter()
+        model = load_in_precision(model_dir, precision)
+        load_seconds = time.perf_counter() - started
+        logits = quantized_logits(model, chosen)
+        if reference is None:
+            reference = logits
+        figures = compare(reference, logits, chosen)
+        rows[precision] = {
+            "footprint_bytes": model.get_memory_footprint(),
+            "predicted_bytes": weight_memory(predicted, precision).tensors_bytes,
+            "quant_constants_bytes": weight_memory(predicted, precision).constants_bytes,
+            "load_seconds": load_seconds,
+            "perplexity": figures["perplexity"],
+            "mean_kl_vs_fp32": figures["mean_kl"],
+            "top1_vs_fp32": figures["top1_agreement"],
+        }
+        del model
+    out = Path(out_dir or ".") / "quantize_report"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"model": model_dir, "data": data, "samples": len(chosen), "precisions": rows}
+    (out / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    plot_quantize_report(rows, out / "quantize_report.png", model_dir)
+    echo(f"{'precision':<9} {'memory MiB':>11} {'load s':>7} {'perplexity':>11} {'KL vs fp32':>11} {'top-1 vs fp32':>14}")
+    for precision, row in rows.items():
+        echo(f"{precision:<9} {(row['footprint_bytes'] + row['quant_constants_bytes']) / 2**20:>11.2f} {row['load_seconds']:>7.2f} "
+             f"{row['perplexity']:>11.4f} {row['mean_kl_vs_fp32']:>11.2e} {100 * row['top1_vs_fp32']:>13.2f}%")
+    echo(f"quantize-report: {out / 'quantize_report.json'}, {out / 'quantize_report.png'}")
+    return report
+
+
+def plot_quantize_report(rows: dict, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    memory = [(rows[n]["footprint_bytes"] + rows[n]["quant_constants_bytes"]) / 2**20 for n in names]
+    ppl = [rows[n]["perplexity"] for n in names]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.scatter(memory, ppl)
+    for name, x, y in zip(names, memory, ppl):
+        axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+    axis.set_xlabel("weight memory (MiB)")
+    axis.set_ylabel("perplexity")
+    axis.set_title(f"memory vs quality: {title}")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -265,6 +265,20 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=p
     return metrics
 
 
+def warn_if_plan_predicts_oom(recipe: Recipe, echo) -> None:
+    """The memory plan, before the slow model load: a warning only, as the plan is an estimate."""
+    import torch
+
+    from qtune.plan import oom_warning
+
+    try:
+        message = oom_warning(recipe, torch.cuda.get_device_properties(0).total_memory)
+    except QtuneError:
+        return  # the plan needs config.json; the load below reports a missing model properly
+    if message:
+        echo(message)
+
+
 def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     """Everything before the first step: tokenizer, data, checkpoint, model, trainer."""
     import torch
@@ -291,6 +305,8 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
         hub.require_token()  # before hours of training, not after
     use_cpu = not torch.cuda.is_available()
     compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
+    if not use_cpu:
+        warn_if_plan_predicts_oom(recipe, echo)
     tokenizer = model_stage.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
         tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)

@@ -296,3 +296,15 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
                 lines.append(f"  train.gradient_checkpointing: true would need "
                              f"{plan['with_gradient_checkpointing_bytes'] / gib:.2f} GiB (the biggest single saving)")
     return "\n".join(lines)
+
+
+def oom_warning(recipe, gpu_bytes: int, compute_bytes: int = 2) -> str | None:
+    """A warning line when the plan predicts more than the GPU has (`qtune train` prints it, and goes on)."""
+    plan = plan_training(recipe, gpu_gib=gpu_bytes / 2**30, compute_bytes=compute_bytes)
+    if plan["fits"]:
+        return None
+    advice = f"try data.max_length <= {plan['largest_max_length']} or train.micro_batch_size <= {plan['largest_micro_batch_size']}"
+    if "with_gradient_checkpointing_bytes" in plan:
+        advice = "train.gradient_checkpointing: true, or " + advice
+    return (f"warning: qtune plan predicts {plan['total_bytes'] / 2**30:.1f} GiB at peak, the GPU has "
+            f"{gpu_bytes / 2**30:.1f} GiB: this run may run out of memory ({advice}; `qtune plan` for the breakdown)")

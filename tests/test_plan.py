@@ -115,3 +115,24 @@ def test_plan_breakdown_and_fit_advice(tmp_path, run_cli):
     assert "predicted peak training memory" in out and "t4: 15 GiB" in out
     code, _, err = run_cli("plan", recipe, "--gpu", "tpu9000")
     assert code == 2 and "unknown --gpu" in err
+
+
+def test_train_warns_when_the_plan_predicts_oom(tmp_path, monkeypatch):
+    """On a GPU, `qtune train` prints the plan's warning and goes on (no GPU here: the device is faked)."""
+    import types
+
+    from qtune import finetune
+    from qtune.plan import oom_warning
+    from qtune.recipe import validate_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    raw = {"model": {"name": str(tmp_path)}, "data": {"datasets": [{"path": "d.jsonl", "format": "alpaca"}], "max_length": 4096},
+           "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 16, "gradient_checkpointing": False}}
+    recipe = validate_recipe(raw)
+    assert oom_warning(recipe, 80 * 2**30 * 10) is None
+    message = oom_warning(recipe, 15 * 2**30)
+    assert message.startswith("warning: qtune plan predicts") and "gradient_checkpointing: true" in message
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=15 * 2**30))
+    printed = []
+    finetune.warn_if_plan_predicts_oom(recipe, printed.append)
+    assert printed == [message]

@@ -165,3 +165,15 @@ def test_existing_output_dir_is_protected(tmp_path, tiny_llama, alpaca_file, run
     code, _, err = run_cli("train", recipe, "--resume")
     assert code == 5 and "nothing to resume" in err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_notebook_api(tmp_path, tiny_llama, alpaca_file):
+    import qtune
+
+    raw = recipe_dict(tiny_llama, alpaca_file, tmp_path / "run")
+    metrics = qtune.train(raw, overrides=["train.max_steps=2", "lora.r=4"])
+    assert metrics["global_step"] == 2
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    again = qtune.train(raw, overrides=["train.max_steps=1"], overwrite=True)
+    assert again["global_step"] == 1

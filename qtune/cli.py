@@ -172,8 +172,8 @@ def cmd_plan(args) -> int:
                              code=EXIT_RECIPE)
     compute_bytes = 4 if recipe.quant.compute_dtype == "fp32" else 2
     print(describe_plan(plan_training(recipe, gpu_gib=gpu_gib, compute_bytes=compute_bytes), args.gpu))
-    print("note: an estimate for CUDA GPUs, not yet validated against a GPU run; on CPU it was measured within "
-          "-57%..+21% of real peaks (see README)")
+    print("note: an estimate, not yet validated against a GPU run (on CPU: within -15%..-7% of measured peaks "
+          "with MALLOC_MMAP_THRESHOLD_=65536; see README)")
     return 0
 
 

@@ -37,16 +37,13 @@ def load_for_generation(run_dir: str | Path, artifact: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.export import open_run
-    from qtune.model import keep_cpu_4bit_layout_trainable, load_base, resolve_compute_dtype
+    from qtune.export import load_adapter_model, open_run
+    from qtune.model import keep_cpu_4bit_layout_trainable, resolve_compute_dtype
 
     trained = open_run(run_dir)
     style = prompt_style(trained.recipe)
     if artifact is None:
-        from peft import PeftModel
-
-        base = load_base(trained.recipe.model, trained.recipe.quant, resolve_compute_dtype(trained.recipe.quant.compute_dtype))
-        model = PeftModel.from_pretrained(base, trained.adapter_dir)
+        model = load_adapter_model(trained, resolve_compute_dtype(trained.recipe.quant.compute_dtype))
         tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)
     else:
         path = Path(artifact)

@@ -102,21 +102,18 @@ def eval_run(run_dir, *, data: str | None = None, data_format: str | None = None
     """Loss and perplexity of the 4-bit base, the adapter and every export in the run, on the same samples."""
     from pathlib import Path
 
-    from peft import PeftModel
-
     from qtune import export
-    from qtune.model import load_base
 
     trained = export.open_run(run_dir)
     chosen = export.fidelity_samples(trained, data, data_format, samples)
     on_gpu = torch.cuda.is_available()
     compute = torch.float32
     rows = {}
-    base = load_base(trained.recipe.model, trained.recipe.quant, compute)
-    rows["base (4-bit)"] = sample_logits(base, chosen)
-    adapted = PeftModel.from_pretrained(base, trained.adapter_dir)
+    adapted = export.load_adapter_model(trained, compute)
+    with adapted.disable_adapter():
+        rows["base (4-bit)"] = sample_logits(adapted, chosen)
     rows["adapter"] = sample_logits(adapted, chosen)
-    del adapted, base
+    del adapted
     export_dir = Path(run_dir) / "export"
     found = {"merged_fp16": export_dir / "merged-fp16", "merged_bf16": export_dir / "merged-bf16", "nf4": export_dir / "nf4"}
     found.update({f: export_dir / f"model-{q.lower()}.gguf" for f, q in export.GGUF_FORMATS.items()})
@@ -162,17 +159,6 @@ def load_in_precision(model_dir: str, precision: str):
     return model
 
 
-@torch.no_grad()
-def quantized_logits(model, samples: list[Sample]) -> list[torch.Tensor]:
-    """Logits with fp32 activations where the weights allow it, so only the weights' precision shows."""
-    embed = model.get_input_embeddings()
-    out = []
-    for sample in samples:
-        ids = torch.tensor([sample.input_ids], device=embed.weight.device)
-        out.append(model(input_ids=ids).logits[0].float().cpu())
-    return out
-
-
 def quantize_report(model_dir: str, data: str, *, data_format: str = "text", samples: int = 64, max_length: int = 512,
                     out_dir: str | None = None, echo=print) -> dict:
     """Each precision of one model side by side: memory, load time, perplexity on the user's data."""
@@ -198,7 +184,7 @@ def quantize_report(model_dir: str, data: str, *, data_format: str = "text", sam
         started = time.perf_counter()
         model = load_in_precision(model_dir, precision)
         load_seconds = time.perf_counter() - started
-        logits = quantized_logits(model, chosen)
+        logits = sample_logits(model, chosen)
         if reference is None:
             reference = logits
         figures = compare(reference, logits, chosen)

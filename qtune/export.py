@@ -341,7 +341,7 @@ def write_nf4(merged_dir: Path, target: Path, run: TrainedRun, echo=print) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qtune.model import keep_cpu_4bit_layout_trainable
+    from qtune.model import device_map, keep_cpu_4bit_layout_trainable
 
     config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -351,7 +351,7 @@ def write_nf4(merged_dir: Path, target: Path, run: TrainedRun, echo=print) -> Pa
         bnb_4bit_compute_dtype=torch.float16,
     )
     model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=config, dtype=torch.float16,
-                                                 device_map=model_device_map())
+                                                 device_map=device_map())
     keep_cpu_4bit_layout_trainable(model)  # a saved file must hold the standard layout, never the CPU repack
     staging = staging_dir_for(target)
     shutil.rmtree(staging, ignore_errors=True)
@@ -366,12 +366,6 @@ def write_nf4(merged_dir: Path, target: Path, run: TrainedRun, echo=print) -> Pa
     size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
     echo(f"export: {target.name}: {size / 2**20:.1f} MiB ({model.get_memory_footprint() / 2**20:.1f} MiB in memory)")
     return target
-
-
-def model_device_map() -> dict:
-    from qtune.model import device_map
-
-    return device_map()
 
 
 # --------------------------------------------------------------------------- sizes
@@ -451,14 +445,17 @@ def run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path | None =
                                                   merge_base=merge_base, echo=echo)
         if "nf4" in formats:
             written["nf4"] = write_nf4(fp16_dir, out / names["nf4"], trained, echo=echo)
-        for fmt in (f for f in formats if f in GGUF_FORMATS):
-            from qtune.gguf_file import ollama_modelfile, write_gguf
-
-            written[fmt] = write_gguf(fp16_dir, out / names[fmt], GGUF_FORMATS[fmt], echo=echo)
+        gguf_formats = [f for f in formats if f in GGUF_FORMATS]
+        if gguf_formats:
             from transformers import AutoTokenizer
 
-            modelfile = ollama_modelfile(names[fmt], AutoTokenizer.from_pretrained(fp16_dir),
-                                         trained_on_alpaca=all(d.format == "alpaca" for d in trained.recipe.data.datasets))
+            from qtune.gguf_file import ollama_modelfile, write_gguf
+
+            tokenizer = AutoTokenizer.from_pretrained(fp16_dir)
+            trained_on_alpaca = all(d.format == "alpaca" for d in trained.recipe.data.datasets)
+        for fmt in gguf_formats:
+            written[fmt] = write_gguf(fp16_dir, out / names[fmt], GGUF_FORMATS[fmt], echo=echo)
+            modelfile = ollama_modelfile(names[fmt], tokenizer, trained_on_alpaca=trained_on_alpaca)
             (out / f"{names[fmt]}.Modelfile").write_text(modelfile)
         seconds = time.perf_counter() - started
         report = fidelity_report(trained, written, samples, merge_base=merge_base, echo=echo)
@@ -498,14 +495,14 @@ def load_artifact(fmt: str, path: Path, on_gpu: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qtune.model import keep_cpu_4bit_layout_trainable
+    from qtune.model import device_map, keep_cpu_4bit_layout_trainable
 
-    placement = {"device_map": model_device_map()} if on_gpu else {}
+    placement = {"device_map": device_map()} if on_gpu else {}
     dtype = torch.float16 if on_gpu else torch.float32
     if fmt in MERGED_FORMATS:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     if fmt == "nf4":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=model_device_map())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map())
         keep_cpu_4bit_layout_trainable(model)
         return model
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **placement)
@@ -515,19 +512,26 @@ def artifact_size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def fidelity_report(trained: TrainedRun, written: dict[str, Path], samples, *, merge_base: str, echo=print) -> dict:
-    import torch
+def load_adapter_model(trained: TrainedRun, compute_dtype):
+    """The model as it was trained: the 4-bit base with the saved adapter on it."""
     from peft import PeftModel
 
+    from qtune.model import load_base
+
+    return PeftModel.from_pretrained(load_base(trained.recipe.model, trained.recipe.quant, compute_dtype), trained.adapter_dir)
+
+
+def fidelity_report(trained: TrainedRun, written: dict[str, Path], samples, *, merge_base: str, echo=print) -> dict:
+    import torch
+
     from qtune import evaluate
-    from qtune.model import load_base, resolve_compute_dtype
+    from qtune.model import resolve_compute_dtype
 
     on_gpu = torch.cuda.is_available()
     compute_dtype = resolve_compute_dtype(trained.recipe.quant.compute_dtype) if on_gpu else torch.float32
-    base = load_base(trained.recipe.model, trained.recipe.quant, compute_dtype)
-    reference_model = PeftModel.from_pretrained(base, trained.adapter_dir)
+    reference_model = load_adapter_model(trained, compute_dtype)
     reference = evaluate.sample_logits(reference_model, samples)
-    del reference_model, base
+    del reference_model
     rows = {}
     for fmt, path in written.items():
         if fmt == "adapter":

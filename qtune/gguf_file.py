@@ -27,16 +27,6 @@ def permute_for_llama_rotary(weights: np.ndarray, n_head: int, n_head_kv: int | 
             .reshape(weights.shape))
 
 
-def tensor_files(merged_dir: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    location = {}
-    for file in sorted(merged_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            location.update({key: file for key in handle.keys()})
-    return location
-
-
 def read_tensor(location: dict[str, Path], name: str) -> np.ndarray:
     from safetensors import safe_open
 
@@ -106,7 +96,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    from qtune.export import fault_point, publish, staging_dir_for
+    from qtune.export import checkpoint_tensors, fault_point, publish, staging_dir_for
 
     config = AutoConfig.from_pretrained(merged_dir)
     model_type = config.model_type
@@ -123,7 +113,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    location = tensor_files(merged_dir)
+    location = checkpoint_tensors(merged_dir)
     if config.tie_word_embeddings:
         location.pop("lm_head.weight", None)
 

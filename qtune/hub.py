@@ -43,6 +43,16 @@ def hub_failure(action: str, repo_id: str, error: Exception) -> QtuneError:
     return QtuneError(f"{action} {repo_id} failed: {what}", fix=fix, code=EXIT_ENVIRONMENT)
 
 
+def commit_to_repo(repo_id: str, operations: list, message: str, *, private: bool, action: str) -> None:
+    """Create the repo if needed and add the files in one commit; any Hub or network failure becomes one exit-4 line."""
+    api = hub_api()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_commit(repo_id, operations=operations, commit_message=message)
+    except Exception as e:  # huggingface_hub / httpx errors: all mean "the Hub said no" or "no network"
+        raise hub_failure(action, repo_id, e) from None
+
+
 # --------------------------------------------------------------------------- what goes up
 
 
@@ -178,16 +188,9 @@ def push(run_dir: str | Path, repo_id: str, what: list[str] | None = None, *, pr
     chosen = files_to_push(run_dir, what)
     card = model_card(run_dir, repo_id, what, chosen)
     require_token()
-    api = hub_api()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in chosen.items()]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-        api.create_commit(repo_id, operations=operations, commit_message=f"qtune: {', '.join(what)}")
-    except QtuneError:
-        raise
-    except Exception as e:  # huggingface_hub / httpx errors: all mean "the Hub said no" or "no network"
-        raise hub_failure("pushing to", repo_id, e) from None
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in chosen.items()]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    commit_to_repo(repo_id, operations, f"qtune: {', '.join(what)}", private=private, action="pushing to")
     echo(f"push: {len(chosen)} file(s) + model card to {repo_id} ({'private' if private else 'public'})")
     return repo_id
 
@@ -199,18 +202,13 @@ def push_checkpoint(repo_id: str, checkpoint: Path, run_dir: Path, *, private: b
     """One checkpoint (and what a resume needs: the recipe, the eval before training) under checkpoints/."""
     from huggingface_hub import CommitOperationAdd
 
-    api = hub_api()
     operations = [CommitOperationAdd(path_in_repo=f"{CHECKPOINT_PREFIX}/{checkpoint.name}/{p.relative_to(checkpoint).as_posix()}",
                                      path_or_fileobj=str(p))
                   for p in sorted(checkpoint.rglob("*")) if p.is_file()]
     for name in ("recipe.yaml", "eval_before.json"):
         if (run_dir / name).is_file():
             operations.append(CommitOperationAdd(path_in_repo=f"{CHECKPOINT_PREFIX}/{name}", path_or_fileobj=str(run_dir / name)))
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.create_commit(repo_id, operations=operations, commit_message=f"qtune: {checkpoint.name}")
-    except Exception as e:
-        raise hub_failure("pushing a checkpoint to", repo_id, e) from None
+    commit_to_repo(repo_id, operations, f"qtune: {checkpoint.name}", private=private, action="pushing a checkpoint to")
 
 
 def pull_newest_checkpoint(repo_id: str, run_dir: Path) -> Path | None:

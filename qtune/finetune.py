@@ -145,6 +145,7 @@ def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, com
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
         dataloader_pin_memory=not use_cpu,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass per step
+        prediction_loss_only=True,  # evaluation needs the loss only, not every batch's logits kept
         disable_tqdm=False,
     )
     settings.update(train.extra)
@@ -279,6 +280,33 @@ def warn_if_plan_predicts_oom(recipe: Recipe, echo) -> None:
         echo(message)
 
 
+def resolve_gradient_checkpointing(recipe: Recipe, *, use_cpu: bool, compute_bytes: int, echo) -> bool:
+    """`auto`: recompute only when the memory plan says the run needs it. Recomputing costs a third more compute
+    per token, so it should not be the price of every run (trl turns it on by default)."""
+    setting = recipe.train.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    import torch
+
+    from qtune.plan import plan_training
+
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if use_cpu:
+        import psutil
+
+        budget, where = psutil.virtual_memory().available // processes_here, "free RAM"
+    else:
+        budget, where = int(torch.cuda.get_device_properties(0).total_memory * 0.9), "GPU memory (90%)"
+    try:
+        plan = plan_training(recipe, device="cpu" if use_cpu else "cuda", compute_bytes=compute_bytes, budget_bytes=budget)
+    except QtuneError:
+        return True  # no plan (the model load reports why): the safe choice
+    without = plan["training_bytes"] - plan["parts"]["activations"] + plan["activations_without_checkpointing"]
+    echo(f"train: gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'} (auto: the plan predicts "
+         f"{without / 2**30:.1f} GiB without it; {budget / 2**30:.1f} GiB {where})")
+    return plan["gradient_checkpointing"]
+
+
 def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     """Everything before the first step: tokenizer, data, checkpoint, model, trainer."""
     import torch
@@ -307,6 +335,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
     if not use_cpu:
         warn_if_plan_predicts_oom(recipe, echo)
+    checkpointing = resolve_gradient_checkpointing(recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo)
     tokenizer = model_stage.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
         tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)
@@ -314,7 +343,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     echo(data_stage.describe(prepared.report))
 
     config = build_sft_config(
-        recipe.train, recipe.log, run_dir=run_dir, compute_dtype=compute_dtype,
+        recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}), recipe.log, run_dir=run_dir, compute_dtype=compute_dtype,
         has_eval=prepared.val is not None, max_length=recipe.data.max_length, use_cpu=use_cpu,
         eval_before=prepared.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
     )
@@ -330,13 +359,14 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
     # The LoRA init draws from the global RNG: seed it here, or it depends on whatever ran before (under
     # torchrun the process-group setup does), and two launches of one recipe start from different adapters.
     set_seed(recipe.train.seed)
-    peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=checkpointing)
     load_seconds = time.perf_counter() - started
     trainable, total = peft_model.get_nb_trainable_parameters()
     echo(f"model: loaded in {load_seconds:.1f} s; LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     with env_defaults(WANDB_DIR=str(run_dir)):
-        trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub)
+        trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub,
+                                recipe.data.max_length)
     trainer.qtune_rss_before_model = rss_before_model  # for metrics.json: the process before the model came in
     return trainer, prepared, checkpoint, use_cpu
 
@@ -405,18 +435,56 @@ def trainer_is_main() -> bool:
     return distributed.rank() == 0
 
 
-def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_dir: Path, hub):
-    from transformers.trainer_callback import ProgressCallback
+def sft_trainer_class():
     from trl import SFTTrainer
 
-    from qtune import model as model_stage
+    from qtune import loss as loss_stage
 
-    trainer = SFTTrainer(
+    class QtuneSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss scores only the supervised positions (qtune/loss.py says why).
+
+        trl's own fused LM head scores every position, padding and prompts included, on devices without
+        Triton (the CPU), and recomputes each logits tile in the backward pass.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            unwrapped = self.accelerator.unwrap_model(model)
+            head_weight = loss_stage.fused_head_weight(unwrapped)
+            if head_weight is None:
+                self.loss_is_scaled_for_ga = None
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            # no KV cache: transformers only builds the packed (block-diagonal) mask without one
+            with loss_stage.last_hidden_state(unwrapped) as captured:
+                outputs = model(**forward_inputs, use_cache=False, logits_to_keep=1)
+            loss_sum, count = loss_stage.supervised_loss_sum(captured["hidden"], inputs["labels"], head_weight)
+            # The same reduction as Trainer.compute_loss: a sum over the tokens of all accumulated micro-batches
+            # (and all ranks: DDP then averages the gradients) when the trainer counted them, else a mean.
+            if num_items_in_batch is not None:
+                loss = loss_sum / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = loss_sum / max(count, 1)
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return (loss, outputs) if return_outputs else loss
+
+    return QtuneSFTTrainer
+
+
+def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_dir: Path, hub, max_length: int):
+    from transformers.trainer_callback import ProgressCallback
+
+    from qtune import model as model_stage
+    from qtune.batching import PackedCollator
+
+    trainer = sft_trainer_class()(
         model=peft_model,
         args=config,
         train_dataset=prepared.train,
         eval_dataset=prepared.val,
         processing_class=tokenizer,
+        data_collator=PackedCollator(tokenizer.pad_token_id, row_tokens=max_length),
     )
     model_stage.keep_trainable_in_fp32(trainer.model)
     from qtune import distributed

@@ -177,6 +177,14 @@ def report_json(report: dict) -> str:
 GPUS_GIB = {"t4": 15.0, "l4": 22.0, "a10g": 22.0, "rtx3090": 24.0, "rtx4090": 24.0, "a100-40gb": 40.0,
             "a100-80gb": 80.0, "h100": 80.0, "h200": 141.0}
 CUDA_OVERHEAD_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace + allocator slack, typical on a T4-class card
+# The process before the model comes in on CPU: Python with torch, transformers, peft, trl, datasets and the
+# tokenized data imported (metrics.json's rss_before_model_bytes: 520-560 MiB on the CPU machines here)
+CPU_FRAMEWORK_BYTES = 540 * 2**20
+
+
+def checkpoint_bytes_per_parameter(config) -> int:
+    dtype = str(getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None) or "float16")
+    return 4 if "32" in dtype else 2
 
 
 @dataclass
@@ -222,8 +230,12 @@ def activation_bytes_per_token_per_layer(shape: TrainingShape, act_bytes: int, l
 
 
 def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda", compute_bytes: int = 2,
-                  framework_bytes: int | None = None) -> dict:
-    """Predicted peak training memory, broken down, for the recipe's model, LoRA, batch and sequence length."""
+                  framework_bytes: int | None = None, budget_bytes: int | None = None) -> dict:
+    """Predicted peak training memory, broken down, for the recipe's model, LoRA, batch and sequence length.
+
+    `budget_bytes` (or `gpu_gib`): the memory to fit in; it decides gradient_checkpointing: auto."""
+    if budget_bytes is None and gpu_gib is not None:
+        budget_bytes = int(gpu_gib * 2**30)
     config = load_config(recipe.model.name, recipe.model.revision)
     inv = inventory(config)
     shape = training_shape(config)
@@ -236,23 +248,27 @@ def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda",
     optimizer_bytes_per_param = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
     lora_bytes = lora * (4 + 4 + optimizer_bytes_per_param[recipe.train.optimizer])
     per_layer = activation_bytes_per_token_per_layer(shape, compute_bytes, recipe.lora.dropout > 0)
-    if recipe.train.gradient_checkpointing:
-        # layer inputs kept, one layer recomputed at a time
-        activations = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer)
-    else:
-        activations = tokens * shape.layers * per_layer
-    without_checkpointing = tokens * shape.layers * per_layer
-    with_checkpointing = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer)
     # Eager attention materialises scores and probabilities per layer: b x heads x s^2. SDPA does not, on GPUs and on
     # CPU alike (measured on CPU: the same memory at 4,096 tokens as 16 x 256, 8 x 512 or 4 x 1024).
     fused_attention = recipe.model.attn_implementation != "eager"
     score_bytes = 0 if fused_attention else (recipe.train.micro_batch_size * shape.heads * recipe.data.max_length ** 2
                                              * compute_bytes * 2)
-    activations += score_bytes * (1 if recipe.train.gradient_checkpointing else shape.layers)
-    # logits in the compute dtype, their fp32 log-softmax and its gradient
-    logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
+    # with checkpointing: the layer inputs kept, one layer recomputed at a time
+    without_checkpointing = tokens * shape.layers * per_layer + score_bytes * shape.layers
+    with_checkpointing = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer) + score_bytes
+    # The loss scores supervised positions only, a chunk of 2^23 fp32 logits at a time (qtune/loss.py), plus the
+    # gathered hidden states and their gradient.
+    from qtune.loss import LOGIT_CHUNK_ELEMENTS
+
+    logits = 2 * LOGIT_CHUNK_ELEMENTS * 4 + 2 * tokens * shape.hidden * compute_bytes
     if framework_bytes is None:
-        framework_bytes = CUDA_OVERHEAD_BYTES if device == "cuda" else 0
+        framework_bytes = CUDA_OVERHEAD_BYTES if device == "cuda" else CPU_FRAMEWORK_BYTES
+    fixed = quantized_bytes + unquantized_bytes + lora_bytes + logits + framework_bytes
+    checkpointing = recipe.train.gradient_checkpointing
+    if checkpointing == "auto":
+        # off unless it is needed to fit; without a budget to fit into, off
+        checkpointing = budget_bytes is not None and fixed + without_checkpointing > budget_bytes
+    activations = with_checkpointing if checkpointing else without_checkpointing
     parts = {
         "quantized_base": quantized_bytes,
         "unquantized_parts_fp32": unquantized_bytes,
@@ -262,19 +278,29 @@ def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda",
         "framework_overhead": framework_bytes,
     }
     total = sum(parts.values())
-    result = {"model": recipe.model.name, "tokens_per_micro_batch": tokens, "parts": parts, "total_bytes": total,
+    loading = None
+    if device == "cpu":
+        # Loading on CPU peaks before training starts: safetensors maps the checkpoint file and every page read
+        # stays resident in the process until the load ends, on top of the model being built. (On a GPU the
+        # checkpoint passes through host RAM, not GPU memory.) Measured on a 1.1B model: the whole run's peak.
+        loading = (framework_bytes + inv.total * checkpoint_bytes_per_parameter(config)
+                   + quantized_bytes + unquantized_bytes)
+    peak_phase = "loading" if loading is not None and loading > total else "training"
+    result = {"model": recipe.model.name, "tokens_per_micro_batch": tokens, "parts": parts,
+              "gradient_checkpointing": checkpointing,
+              "training_bytes": total, "loading_bytes": loading, "peak_phase": peak_phase,
+              "total_bytes": max(total, loading or 0),
               "activations_with_checkpointing": with_checkpointing,
               "activations_without_checkpointing": without_checkpointing, "lora_parameters": lora}
-    if gpu_gib is not None:
-        budget = gpu_gib * 2**30
+    if budget_bytes is not None:
+        budget = budget_bytes
         result["gpu_bytes"] = budget
-        result["fits"] = total <= budget
-        fixed = total - activations - logits
-        per_token = (activations + logits) / tokens
+        result["fits"] = result["total_bytes"] <= budget
+        per_token = activations / tokens
         max_tokens = int((budget - fixed) / per_token) if budget > fixed else 0
         result["largest_max_length"] = max_tokens // recipe.train.micro_batch_size
         result["largest_micro_batch_size"] = max_tokens // recipe.data.max_length
-        if not recipe.train.gradient_checkpointing:
+        if not checkpointing:
             result["with_gradient_checkpointing_bytes"] = total - activations + with_checkpointing
     return result
 
@@ -286,7 +312,11 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
     for name, value in plan["parts"].items():
         lines.append(f"  {name.replace('_', ' '):<32} {value / gib:8.2f} GiB")
     lines.append(f"  (activations: {plan['activations_with_checkpointing'] / gib:.2f} GiB with gradient checkpointing, "
-                 f"{plan['activations_without_checkpointing'] / gib:.2f} GiB without)")
+                 f"{plan['activations_without_checkpointing'] / gib:.2f} GiB without; planned "
+                 f"{'with' if plan['gradient_checkpointing'] else 'without'})")
+    if plan.get("loading_bytes") is not None:
+        lines.append(f"  loading (CPU: the mapped checkpoint + the model being built) {plan['loading_bytes'] / gib:.2f} GiB; "
+                     f"training {plan['training_bytes'] / gib:.2f} GiB: the peak comes while {plan['peak_phase']}")
     if "fits" in plan:
         verdict = "fits" if plan["fits"] else "does NOT fit"
         lines.append(f"{gpu}: {plan['gpu_bytes'] / gib:.0f} GiB -> {verdict}")

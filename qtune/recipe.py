@@ -138,8 +138,9 @@ class TrainSection(Section):
     """Gradient clipping (0.3 as in the QLoRA paper)."""
     optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
     """Optimizer; paged ones spill their state to CPU memory instead of running out of GPU memory."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass: less memory, +50% of the frozen base's compute. auto: only when
+    the memory plan says the run does not fit without it (in the GPU's memory, or on CPU in the free RAM)."""
     seed: int = 42
     """Seed for LoRA init, data order and dropout."""
     eval_steps: int | None = Field(None, gt=0)

@@ -118,7 +118,7 @@ def qtune_recipe(work: Path, max_length: int, micro_batch: int, grad_accum: int,
                  "val_datasets": [{"path": str(work / "val.jsonl"), "format": "alpaca"}],
                  "val_size": 0, "max_length": max_length},
         "train": {"output_dir": str(output_dir), "max_steps": steps, "micro_batch_size": micro_batch,
-                  "grad_accum": grad_accum, "lr": 2e-4, "warmup_ratio": 0.1, "save_steps": 10_000,
+                  "grad_accum": grad_accum, "lr": 1e-3, "warmup_ratio": 0.1, "save_steps": 10_000,
                   "logging_steps": 1},
     }
 
@@ -229,7 +229,7 @@ def main() -> None:
             payload = {"recipe": qtune_recipe(work, args.max_length, args.micro_batch, args.grad_accum, steps, out)}
         else:
             payload = {"model": str(work / "base"), "lora": LORA, "output_dir": str(out), "micro_batch_size": args.micro_batch,
-                       "grad_accum": args.grad_accum, "steps": steps, "lr": 2e-4, "warmup_ratio": 0.1,
+                       "grad_accum": args.grad_accum, "steps": steps, "lr": 1e-3, "warmup_ratio": 0.1,
                        "max_length": args.max_length, "seed": 42, "train_tokenized": str(work / "train-tokenized"),
                        "val_tokenized": str(work / "val-tokenized")}
         path = work / f"settings-{side}.json"

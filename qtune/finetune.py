@@ -436,6 +436,8 @@ def trainer_is_main() -> bool:
 
 
 def sft_trainer_class():
+    import contextlib
+
     from trl import SFTTrainer
 
     from qtune import loss as loss_stage
@@ -446,6 +448,28 @@ def sft_trainer_class():
         trl's own fused LM head scores every position, padding and prompts included, on devices without
         Triton (the CPU), and recomputes each logits tile in the backward pass.
         """
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """One packed row at a time: the loss is a sum over tokens divided by a count fixed for the whole step,
+            so backward per row gives the gradient of the whole micro-batch, with one row's activations alive (at
+            most data.max_length tokens, whatever the micro-batch size). Under DDP only the last row syncs."""
+            rows = inputs["input_ids"].shape[0]
+            unwrapped = self.accelerator.unwrap_model(model)
+            if rows == 1 or num_items_in_batch is None or loss_stage.fused_head_weight(unwrapped) is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            total = None
+            for r in range(rows):
+                row = {key: value[r : r + 1] for key, value in inputs.items()}
+                sync = contextlib.nullcontext() if r == rows - 1 else self.accelerator.no_sync(model)
+                with sync, self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, row, num_items_in_batch=num_items_in_batch)
+                    self.accelerator.backward(loss)
+                total = loss.detach() if total is None else total + loss.detach()
+            return total
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)

@@ -164,3 +164,66 @@ def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samp
         loss.backward()
         assert_close(loss.item(), lora_grads(lora_model), reference)
         assert trainer.loss_is_scaled_for_ga == (num_items is not None)
+
+
+def test_row_by_row_backward_equals_the_plain_computation(lora_model, samples, tiny_tokenizer, tmp_path):
+    """training_step runs forward and backward per packed row (one row's activations alive at a time)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from qtune.finetune import sft_trainer_class
+
+    dataset = Dataset.from_dict({"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]})
+    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128,
+                       per_device_train_batch_size=len(samples), gradient_checkpointing=False)
+    trainer = sft_trainer_class()(model=lora_model, args=config, train_dataset=dataset, processing_class=tiny_tokenizer,
+                                  data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=64))
+    trainer.create_optimizer()
+    reference = per_sample_reference(lora_model, samples)
+    batch = trainer.data_collator(samples)
+    assert batch["input_ids"].shape[0] >= 3
+    lora_model.zero_grad()
+    loss = trainer.training_step(lora_model, dict(batch), num_items_in_batch=torch.tensor(int((batch["labels"] != IGNORE).sum())))
+    assert_close(loss.item(), lora_grads(lora_model), reference)
+
+
+def test_lean_lora_dropout_equals_peft_dropout(pretrained_qwen2):
+    """Same seed, same masks: loss and gradients as with peft's nn.Dropout, and the dropped-out copies are gone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qtune.model import lean_lora_dropout
+
+    def build():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(pretrained_qwen2, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear",
+                                                init_lora_weights=False))
+        model.train()
+        return model
+
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(2))
+
+    def run(model, seed=5):
+        saved = {}  # storage -> bytes: what autograd keeps for the backward pass
+
+        def keep(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(seed)
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), lora_grads(model), sum(saved.values())
+
+    plain = run(build())
+    replayed_model = build()
+    assert lean_lora_dropout(replayed_model) == 7 * 2  # every target layer of both decoder layers
+    replayed = run(replayed_model)
+    assert replayed[0] == pytest.approx(plain[0], rel=1e-6)
+    assert_close(replayed[0], replayed[1], plain[:2])
+    assert replayed[2] < plain[2]
+    different = run(replayed_model, seed=6)  # another seed, other masks: the comparison can fail
+    assert different[0] != pytest.approx(plain[0], rel=1e-6)

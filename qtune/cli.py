@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir")
+    train.add_argument("--force", action="store_true",
+                       help="with --resume: accept a recipe whose training settings differ from the run's recipe.yaml")
     train.add_argument("--overwrite", action="store_true", help="delete an existing train.output_dir and start over")
 
     export = commands.add_parser("export", help="merged fp16/bf16, re-quantized NF4 and GGUF files, each measured")
@@ -122,7 +124,7 @@ def cmd_train(args) -> int:
     quiet_library_noise()
     from qtune.finetune import run
 
-    run(recipe, resume=args.resume, overwrite=args.overwrite)
+    run(recipe, resume=args.resume, overwrite=args.overwrite, force=args.force)
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from qtune import checkpoints
 from qtune import data as data_stage
 from qtune.errors import EXIT_INTEGRITY, QtuneError, RecipeError
 from qtune.recipe import LogSection, Recipe, TrainSection, recipe_to_yaml
@@ -25,7 +26,6 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "metrics.json"
 EVAL_BEFORE = "eval_before.json"
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 # --------------------------------------------------------------------------- run folder
@@ -69,15 +69,6 @@ def prepare_run_dir(train: TrainSection, *, resume: bool, overwrite: bool, hub_c
 
         raise EnvironmentProblem(f"cannot create train.output_dir {run_dir}: {e.strerror}", fix="check permissions") from None
     return run_dir, created
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    found = []
-    for path in (run_dir / CHECKPOINTS).glob("checkpoint-*"):
-        match = CHECKPOINT_NAME.fullmatch(path.name)
-        if match and (path / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -128,7 +119,7 @@ def build_sft_config(train: TrainSection, log: LogSection, *, run_dir: Path, com
         eval_steps=eval_every,
         save_strategy="steps",
         save_steps=train.save_steps,
-        save_total_limit=train.keep_checkpoints,
+        save_total_limit=None,  # qtune rotates, after the new checkpoint is complete (checkpoints.rotate)
         logging_steps=train.logging_steps,
         logging_first_step=True,
         report_to=[r for r in log.report_to if r != "tensorboard"] or "none",
@@ -202,6 +193,117 @@ def progress_callback_class():
     return LossProgress
 
 
+# --------------------------------------------------------------------------- resuming and stopping
+
+# What may change between a run and its resume without changing the trajectory: where things are written,
+# how often it logs, evaluates and saves, what happens after training, and recompute (same maths).
+RESUMABLE_CHANGES = ("train.output_dir", "train.save_steps", "train.eval_steps", "train.logging_steps",
+                     "train.keep_checkpoints", "train.gradient_checkpointing", "log.", "export.", "hub.")
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                out.update(flat(item, f"{prefix}{key}."))
+            return out
+        return {prefix.rstrip("."): value}
+
+    before, after = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key) and not any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_CHANGES):
+            changed.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changed
+
+
+def check_resumed_recipe(recipe: Recipe, run_dir: Path, *, force: bool) -> None:
+    """A resume with another lr, batch, dataset or LoRA shape is another run stitched onto this one."""
+    import yaml
+
+    from qtune.recipe import validate_recipe
+
+    saved = run_dir / RECIPE_FILE
+    try:
+        old = validate_recipe(yaml.safe_load(saved.read_text()))
+    except (OSError, ValueError, yaml.YAMLError, QtuneError):
+        return  # an old or hand-edited recipe.yaml: nothing reliable to compare with
+    changed = recipe_differences(old, recipe)
+    if changed and not force:
+        raise RecipeError(f"the recipe changed since {saved} in what decides the training: {'; '.join(changed)}",
+                          fix="restore those values, or add --force to resume with the new ones anyway")
+
+
+class GracefulStop:
+    """SIGTERM (preemption) or Ctrl-C: finish the step, save a checkpoint, exit 75. A second signal exits at once."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+
+    def install(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals only reach the main thread (a notebook's worker thread has none)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        import signal
+        import sys
+
+        if self.signal_name is not None:
+            os._exit(128 + signum)  # asked twice: the user means now
+        self.signal_name = signal.Signals(signum).name
+        print(f"\nqtune: {self.signal_name}: saving a checkpoint at the end of this step, then stopping "
+              f"(again to quit now)", file=sys.stderr, flush=True)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopAtStepEnd(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.agreed(args):
+                    control.should_save, control.should_training_stop = True, True
+                    control.should_evaluate = False
+
+            def on_prediction_step(self, args, state, control, **kwargs):
+                if stop.signal_name is not None:
+                    raise StoppedDuringEvaluation()
+
+        return StopAtStepEnd()
+
+    def agreed(self, args) -> bool:
+        """Under DDP every rank must stop at the same step, or the others wait forever for the stopped one."""
+        if args.world_size <= 1:
+            return self.signal_name is not None
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.signal_name else 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "SIGTERM"
+        return bool(flag.item())
+
+
+class StoppedDuringEvaluation(Exception):
+    pass
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -234,7 +336,7 @@ def peak_memory_bytes(use_cpu: bool) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=print) -> dict:
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False, echo=print) -> dict:
     """Fine-tune as the recipe says; returns the metrics also written to metrics.json."""
     from qtune import distributed
 
@@ -247,7 +349,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, echo=p
         distributed.barrier()  # the main process has prepared (or refused) the run folder
         run_dir, created = Path(recipe.train.output_dir).expanduser(), False
     try:
-        prepared = prepare(recipe, run_dir, resume=resume, echo=echo)
+        prepared = prepare(recipe, run_dir, resume=resume, echo=echo, force=force)
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -307,7 +409,7 @@ def resolve_gradient_checkpointing(recipe: Recipe, *, use_cpu: bool, compute_byt
     return plan["gradient_checkpointing"]
 
 
-def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
+def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = False):
     """Everything before the first step: tokenizer, data, checkpoint, model, trainer."""
     import torch
 
@@ -315,12 +417,14 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
 
     checkpoint = None
     if resume:
-        checkpoint = newest_checkpoint(run_dir)
+        check_resumed_recipe(recipe, run_dir, force=force)
+        checkpoint = checkpoints.newest_valid(run_dir / CHECKPOINTS, echo=echo)
         if checkpoint is None and recipe.hub.push_checkpoints:
             from qtune import hub
 
             echo(f"resume: no local checkpoint, fetching the newest from {recipe.hub.repo_id}")
-            checkpoint = hub.pull_newest_checkpoint(recipe.hub.repo_id, run_dir)
+            if hub.pull_newest_checkpoint(recipe.hub.repo_id, run_dir) is not None:
+                checkpoint = checkpoints.newest_valid(run_dir / CHECKPOINTS, echo=echo)
         if checkpoint is None:
             raise QtuneError(
                 f"no complete checkpoint under {run_dir / CHECKPOINTS}",
@@ -348,7 +452,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
         eval_before=prepared.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
     )
     if trainer_is_main():
-        (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+        checkpoints.write_atomically(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
     echo(f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})")
     started = time.perf_counter()
     rss_before_model = current_rss_bytes()
@@ -368,6 +472,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo):
         trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub,
                                 recipe.data.max_length)
     trainer.qtune_rss_before_model = rss_before_model  # for metrics.json: the process before the model came in
+    trainer.qtune_keep_checkpoints = recipe.train.keep_checkpoints
     return trainer, prepared, checkpoint, use_cpu
 
 
@@ -397,6 +502,19 @@ class SampleTracer(torch_dataset_base()):
     def __getitems__(self, indices):
         self._record(indices)
         return [self.dataset[int(i)] for i in indices]
+
+
+def step_tracer(path: Path):
+    """Appends (process, step, digest of the micro-batch's tokens) as each micro-batch is trained on: how the kill
+    tests show a resumed run trained on exactly the batches, in exactly the order, of an uninterrupted one."""
+    import hashlib
+
+    def record(step: int, input_ids) -> None:
+        digest = hashlib.sha256(input_ids.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+        with path.open("a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "step": step, "batch": digest}) + "\n")
+
+    return record
 
 
 def lora_fingerprint(model) -> str:
@@ -453,6 +571,8 @@ def sft_trainer_class():
             """One packed row at a time: the loss is a sum over tokens divided by a count fixed for the whole step,
             so backward per row gives the gradient of the whole micro-batch, with one row's activations alive (at
             most data.max_length tokens, whatever the micro-batch size). Under DDP only the last row syncs."""
+            if self.qtune_step_trace is not None:
+                self.qtune_step_trace(self.state.global_step, inputs["input_ids"])
             rows = inputs["input_ids"].shape[0]
             unwrapped = self.accelerator.unwrap_model(model)
             if rows == 1 or num_items_in_batch is None or loss_stage.fused_head_weight(unwrapped) is None:
@@ -470,6 +590,29 @@ def sft_trainer_class():
                     self.accelerator.backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
             return total
+
+        qtune_keep_checkpoints = 3
+        qtune_step_trace = None  # QTUNE_SAMPLE_TRACE: a record of each micro-batch as it is trained on
+
+        def _save_checkpoint(self, model, trial):
+            """The Trainer's save, then the manifest that makes it count, then rotation (qtune/checkpoints.py)."""
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            try:
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()  # every rank's RNG state is in before the manifest vouches for it
+                if self.args.should_save:
+                    checkpoints.write_manifest(folder, self.state.global_step)
+                    checkpoints.rotate(folder.parent, self.qtune_keep_checkpoints)
+            except OSError as e:
+                if e.errno not in checkpoints.DISK_FULL:
+                    raise
+                if self.args.should_save:
+                    shutil.rmtree(folder, ignore_errors=True)  # a half-written checkpoint is worth nothing
+                raise checkpoints.disk_full(e, folder.name, folder.parent) from None
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            checkpoints.fault_point("optimizer", self.state.global_step)
+            super()._save_optimizer_and_scheduler(output_dir)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
@@ -516,6 +659,7 @@ def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_
     distributed.check_world_size(trainer.args.world_size)
     if os.environ.get("QTUNE_SAMPLE_TRACE"):
         trainer.train_dataset = SampleTracer(trainer.train_dataset, run_dir / "sample_trace", trainer.args.process_index)
+        trainer.qtune_step_trace = step_tracer(run_dir / "sample_trace" / f"steps-rank-{trainer.args.process_index}.jsonl")
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress_callback_class()())
     if hub.push_checkpoints:
@@ -528,19 +672,44 @@ def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_
     return trainer
 
 
+def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
+    from qtune.errors import EXIT_INTERRUPTED
+
+    step = trainer.state.global_step
+    saved = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if step == 0 or not (saved / checkpoints.MANIFEST).is_file():
+        return QtuneError(f"stopped by {signal_name} before the first checkpoint", where=str(run_dir),
+                          fix="start again with --overwrite", code=EXIT_INTERRUPTED)
+    return QtuneError(f"stopped by {signal_name} at step {step}; {saved.name} is saved", where=str(run_dir),
+                      fix="continue with the same command and --resume", code=EXIT_INTERRUPTED)
+
+
 def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: bool, *, resume: bool, echo) -> dict:
     import torch
 
     main_process = trainer.is_world_process_zero()
     has_eval = prepared.val is not None
     before_path = run_dir / EVAL_BEFORE
+    stop = GracefulStop().install()
+    trainer.add_callback(stop.callback())
+    try:
+        with env_defaults(WANDB_DIR=str(run_dir)):
+            if checkpoint is not None:
+                echo(f"resume: continuing from {checkpoint.name}")
+            try:
+                result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            except StoppedDuringEvaluation:
+                if trainer.state.global_step > 0:  # evaluation runs between steps: the state is a step boundary
+                    trainer._save_checkpoint(trainer.model, trial=None)
+            if trainer.args.eval_on_start and main_process:
+                first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
+                if first_eval is not None:  # kept, so a resumed run does not measure "before" again
+                    write_json_atomically(before_path, {"eval_loss_before": first_eval["eval_loss"]})
+            if stop.signal_name is not None:
+                raise stopped(stop.signal_name, trainer, run_dir)
+    finally:
+        stop.restore()
     with env_defaults(WANDB_DIR=str(run_dir)):
-        if checkpoint is not None:
-            echo(f"resume: continuing from {checkpoint.name}")
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if trainer.args.eval_on_start and main_process:
-            first_eval = next(h for h in trainer.state.log_history if "eval_loss" in h)
-            write_json_atomically(before_path, {"eval_loss_before": first_eval["eval_loss"]})
         final_eval = final_evaluation(trainer) if has_eval else {}
         if "wandb" in recipe.log.report_to and main_process:
             import wandb

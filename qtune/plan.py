@@ -214,15 +214,15 @@ def lora_parameter_count(inv: Inventory, r: int, targets: int | None = None) -> 
 def activation_bytes_per_token_per_layer(shape: TrainingShape, act_bytes: int, lora_dropout: bool) -> int:
     """What autograd keeps per token and decoder layer of a Llama-style block with LoRA on every linear layer.
 
-    Frozen 4-bit matmuls keep no input for a weight gradient; LoRA branches keep their (dropped-out) input
-    and the rank-r projection; RMSNorm keeps fp32 copies; attention (SDPA) keeps q, k, v, the output and
-    the log-sum-exp; the gated MLP keeps gate, up, the activation and their product.
+    Frozen 4-bit matmuls keep no input for a weight gradient; LoRA branches keep their input (one shared normed
+    input for q/k/v and one for gate/up) and, with dropout, a 1-byte mask each (qtune.model.lean_lora_dropout);
+    RMSNorm keeps fp32 copies; attention (SDPA) keeps q, k, v, the output and the log-sum-exp; the gated MLP
+    keeps gate, up, the activation and their product.
     """
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
     norms = 2 * (2 * h * 4 + h * act_bytes)  # two RMSNorms: fp32 input and normalised copy, and the cast output
-    # LoRA inputs: one shared normed input for q/k/v and for gate/up without dropout, a copy (+ mask byte) each with it
-    lora_inputs = (3 * h + h + 2 * h + i) if lora_dropout else (h + q + h + i)
+    lora_inputs = h + q + h + i
     masks = (3 * h + h + 2 * h + i) if lora_dropout else 0
     attention = (q + kv) + (q + 2 * kv + q)  # rotary q/k, then q, k, v and the output kept by SDPA
     mlp = 3 * i  # gate (SiLU input), SiLU output, up
@@ -239,7 +239,9 @@ def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda",
     config = load_config(recipe.model.name, recipe.model.revision)
     inv = inventory(config)
     shape = training_shape(config)
-    tokens = recipe.train.micro_batch_size * recipe.data.max_length
+    # qtune packs each micro-batch into rows of at most max_length tokens and runs forward and backward one row at
+    # a time (finetune.QtuneSFTTrainer.training_step): the activations of one row are alive, whatever the batch.
+    tokens = recipe.data.max_length
     weights = weight_memory(inv, recipe.quant.type + ("_dq" if recipe.quant.double_quant else ""))
     quantized_bytes = weights.total_bytes - inv.unquantized * 2
     # peft's prepare_model_for_kbit_training keeps the unquantized parts (embeddings, lm_head, norms) in fp32
@@ -251,8 +253,7 @@ def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda",
     # Eager attention materialises scores and probabilities per layer: b x heads x s^2. SDPA does not, on GPUs and on
     # CPU alike (measured on CPU: the same memory at 4,096 tokens as 16 x 256, 8 x 512 or 4 x 1024).
     fused_attention = recipe.model.attn_implementation != "eager"
-    score_bytes = 0 if fused_attention else (recipe.train.micro_batch_size * shape.heads * recipe.data.max_length ** 2
-                                             * compute_bytes * 2)
+    score_bytes = 0 if fused_attention else shape.heads * recipe.data.max_length ** 2 * compute_bytes * 2
     # with checkpointing: the layer inputs kept, one layer recomputed at a time
     without_checkpointing = tokens * shape.layers * per_layer + score_bytes * shape.layers
     with_checkpointing = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer) + score_bytes
@@ -297,9 +298,7 @@ def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda",
         result["gpu_bytes"] = budget
         result["fits"] = result["total_bytes"] <= budget
         per_token = activations / tokens
-        max_tokens = int((budget - fixed) / per_token) if budget > fixed else 0
-        result["largest_max_length"] = max_tokens // recipe.train.micro_batch_size
-        result["largest_micro_batch_size"] = max_tokens // recipe.data.max_length
+        result["largest_max_length"] = int((budget - fixed) / per_token) if budget > fixed else 0
         if not checkpointing:
             result["with_gradient_checkpointing_bytes"] = total - activations + with_checkpointing
     return result
@@ -321,8 +320,8 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
         verdict = "fits" if plan["fits"] else "does NOT fit"
         lines.append(f"{gpu}: {plan['gpu_bytes'] / gib:.0f} GiB -> {verdict}")
         if not plan["fits"]:
-            lines.append(f"  largest data.max_length at this micro_batch_size: {plan['largest_max_length']}")
-            lines.append(f"  largest train.micro_batch_size at this max_length: {plan['largest_micro_batch_size']}")
+            lines.append(f"  largest data.max_length that fits: {plan['largest_max_length']} (train.micro_batch_size "
+                         f"does not change the peak: one packed row of <= max_length tokens is in flight at a time)")
             if "with_gradient_checkpointing_bytes" in plan:
                 lines.append(f"  train.gradient_checkpointing: true would need "
                              f"{plan['with_gradient_checkpointing_bytes'] / gib:.2f} GiB (the biggest single saving)")
@@ -334,7 +333,7 @@ def oom_warning(recipe, gpu_bytes: int, compute_bytes: int = 2) -> str | None:
     plan = plan_training(recipe, gpu_gib=gpu_bytes / 2**30, compute_bytes=compute_bytes)
     if plan["fits"]:
         return None
-    advice = f"try data.max_length <= {plan['largest_max_length']} or train.micro_batch_size <= {plan['largest_micro_batch_size']}"
+    advice = f"try data.max_length <= {plan['largest_max_length']}"
     if "with_gradient_checkpointing_bytes" in plan:
         advice = "train.gradient_checkpointing: true, or " + advice
     return (f"warning: qtune plan predicts {plan['total_bytes'] / 2**30:.1f} GiB at peak, the GPU has "

@@ -141,9 +141,19 @@ def rotate(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def disk_full(error: OSError, what: str, folder: Path) -> EnvironmentProblem:
-    return EnvironmentProblem(f"disk full while writing {what} ({os.strerror(error.errno)})", where=str(folder),
-                              fix="free disk space (earlier checkpoints are intact) and resume with --resume")
+DISK_FULL_MESSAGES = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError with ENOSPC / EDQUOT / EFBIG, or the same from safetensors' Rust writer, which raises its own
+    exception type with the OS message inside."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return True
+    return any(message in str(error) for message in DISK_FULL_MESSAGES)
+
+
+def disk_full(what: str, folder: Path, fix: str = "free disk space (earlier checkpoints are intact) and resume with --resume"):
+    return EnvironmentProblem(f"disk full while writing {what}", where=str(folder), fix=fix)
 
 
 def fault_point(stage: str, step: int) -> None:

@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    import signal
+
+    # A file-size limit (ulimit -f) otherwise kills the process mid-write with SIGXFSZ; ignored, the write fails
+    # with EFBIG and is reported like a full disk, with the half-written file cleaned up.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     sys.exit(main())
 
 

@@ -459,6 +459,12 @@ def run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path | None =
             (out / f"{names[fmt]}.Modelfile").write_text(modelfile)
         seconds = time.perf_counter() - started
         report = fidelity_report(trained, written, samples, merge_base=merge_base, echo=echo)
+    except Exception as e:
+        from qtune.checkpoints import disk_full, is_disk_full
+
+        if is_disk_full(e):  # each writer has already removed its own half-written staging folder
+            raise disk_full("the export", out, fix="free disk space (finished exports are intact) and run the export again") from None
+        raise
     finally:
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)

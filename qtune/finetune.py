@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -603,12 +604,12 @@ def sft_trainer_class():
                 if self.args.should_save:
                     checkpoints.write_manifest(folder, self.state.global_step)
                     checkpoints.rotate(folder.parent, self.qtune_keep_checkpoints)
-            except OSError as e:
-                if e.errno not in checkpoints.DISK_FULL:
+            except Exception as e:
+                if not checkpoints.is_disk_full(e):
                     raise
                 if self.args.should_save:
                     shutil.rmtree(folder, ignore_errors=True)  # a half-written checkpoint is worth nothing
-                raise checkpoints.disk_full(e, folder.name, folder.parent) from None
+                raise checkpoints.disk_full(folder.name, folder.parent) from None
 
         def _save_optimizer_and_scheduler(self, output_dir):
             checkpoints.fault_point("optimizer", self.state.global_step)
@@ -672,6 +673,15 @@ def build_trainer(peft_model, tokenizer, config, prepared, log: LogSection, run_
     return trainer
 
 
+def close_progress_bars(trainer) -> None:
+    """After an exception the Trainer never closes its bar, and the error line would land at the end of it."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
 def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
     from qtune.errors import EXIT_INTERRUPTED
 
@@ -690,6 +700,7 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
     main_process = trainer.is_world_process_zero()
     has_eval = prepared.val is not None
     before_path = run_dir / EVAL_BEFORE
+    tokens_before = tokens_at_checkpoint(checkpoint)  # read now: rotation may delete that checkpoint during training
     stop = GracefulStop().install()
     trainer.add_callback(stop.callback())
     try:
@@ -701,6 +712,13 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
             except StoppedDuringEvaluation:
                 if trainer.state.global_step > 0:  # evaluation runs between steps: the state is a step boundary
                     trainer._save_checkpoint(trainer.model, trial=None)
+            except pickle.UnpicklingError:
+                # The Trainer reads optimizer, scheduler and RNG state with torch.load(weights_only=True): a pickle
+                # that holds anything but tensors and plain containers is refused, never run.
+                raise QtuneError(f"{checkpoint.name if checkpoint else 'the checkpoint'} holds pickled objects that "
+                                 "are not plain tensors: refused", where=str(checkpoint),
+                                 fix="resume from a checkpoint you trust, or start over with --overwrite",
+                                 code=EXIT_INTEGRITY) from None
             if trainer.args.eval_on_start and main_process:
                 first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
                 if first_eval is not None:  # kept, so a resumed run does not measure "before" again
@@ -709,6 +727,7 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
                 raise stopped(stop.signal_name, trainer, run_dir)
     finally:
         stop.restore()
+        close_progress_bars(trainer)
     with env_defaults(WANDB_DIR=str(run_dir)):
         final_eval = final_evaluation(trainer) if has_eval else {}
         if "wandb" in recipe.log.report_to and main_process:
@@ -722,7 +741,7 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
     eval_before = json.loads(before_path.read_text())["eval_loss_before"] if before_path.is_file() else None
     runtime = result.metrics.get("train_runtime") or float("nan")
     tokens = int(trainer.state.num_input_tokens_seen)
-    session_tokens = tokens - tokens_at_checkpoint(checkpoint)
+    session_tokens = tokens - tokens_before
     metrics = {
         "train_loss": result.training_loss,
         "eval_loss_before": eval_before,

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--revision", default="main")
     memory.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
-    plan = commands.add_parser("plan", help="predicted peak training memory of a recipe (experimental estimate)")
+    plan = commands.add_parser("plan", help="predicted peak training memory of a recipe, and whether it fits a GPU")
     plan.add_argument("recipe")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     plan.add_argument("--gpu", help="t4, l4, a10g, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 16GB")

@@ -60,6 +60,14 @@ def steps_traced(folder: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else -1
 
 
+def wait_for_step(process: subprocess.Popen, recipe: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while steps_traced(run_dir(recipe)) < step:
+        assert process.poll() is None, f"the run ended before step {step}: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"step {step} not reached in {timeout} s"
+        time.sleep(0.02)
+
+
 def kill_at_step(recipe: Path, step: int, *args) -> int:
     """Start (or resume) the run and SIGKILL it once it is training step `step`; returns the exit status."""
     process = start(recipe, *args)
@@ -147,7 +155,7 @@ def test_kill_9_campaign_full(tmp_path, tiny_llama, alpaca_file, reference):
     print(f"kill campaign: {len(steps)} SIGKILLs at steps {steps}, 0 lost")
 
 
-@pytest.mark.parametrize("stage", ["optimizer", "manifest"])
+@pytest.mark.parametrize("stage", [pytest.param("optimizer", marks=pytest.mark.slow), "manifest"])
 def test_death_halfway_through_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, alpaca_file, reference, stage):
     recipe = survival_recipe(tmp_path, tiny_llama, alpaca_file, "run")
     dead = finish(recipe, QTUNE_FAIL_CHECKPOINT_AT=f"{stage}:5")
@@ -195,13 +203,13 @@ def test_interrupted_saves_campaign(tmp_path, tiny_llama, alpaca_file, reference
     print(f"interrupted-save campaign: {trials} trials, {cut_short} saves cut short, 0 runs lost")
 
 
-@pytest.mark.parametrize("sig,code_after_second", [(signal.SIGTERM, None), (signal.SIGINT, 128 + signal.SIGINT)])
+@pytest.mark.parametrize("sig,code_after_second", [(signal.SIGTERM, None),
+                                                   pytest.param(signal.SIGINT, 128 + signal.SIGINT, marks=pytest.mark.slow)])
 def test_sigterm_and_ctrl_c_save_exit_75_and_resume_identically(tmp_path, tiny_llama, alpaca_file, reference, sig,
                                                               code_after_second):
     recipe = survival_recipe(tmp_path, tiny_llama, alpaca_file, "run")
     process = start(recipe)
-    while steps_traced(run_dir(recipe)) < 6:
-        time.sleep(0.02)
+    wait_for_step(process, recipe, 6)
     sent = time.time()
     process.send_signal(sig)
     status = process.wait(timeout=60)
@@ -215,8 +223,7 @@ def test_sigterm_and_ctrl_c_save_exit_75_and_resume_identically(tmp_path, tiny_l
     assert "Traceback" not in stderr
     if code_after_second:  # a second Ctrl-C does not wait for the step to end
         again = start(recipe, "--resume")
-        while steps_traced(run_dir(recipe)) <= step + 1:
-            time.sleep(0.02)
+        wait_for_step(again, recipe, step + 2)
         again.send_signal(sig)
         time.sleep(0.05)
         again.send_signal(sig)

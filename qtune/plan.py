@@ -307,7 +307,7 @@ def plan_training(recipe, *, gpu_gib: float | None = None, device: str = "cuda",
 def describe_plan(plan: dict, gpu: str | None) -> str:
     gib = 2**30
     lines = [f"{plan['model']}: predicted peak training memory {plan['total_bytes'] / gib:.2f} GiB "
-             f"({plan['tokens_per_micro_batch']} tokens per micro-batch)"]
+             f"(activations of one packed row of {plan['tokens_per_micro_batch']} tokens at a time)"]
     for name, value in plan["parts"].items():
         lines.append(f"  {name.replace('_', ' '):<32} {value / gib:8.2f} GiB")
     lines.append(f"  (activations: {plan['activations_with_checkpointing'] / gib:.2f} GiB with gradient checkpointing, "

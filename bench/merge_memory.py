@@ -32,26 +32,32 @@ print(json.dumps({"seconds": time.perf_counter() - started,
 """
 
 
-def build_base(folder: Path, layers: int) -> int:
+def save_random_llama(folder: Path, shape: dict, *, unit_norms: bool = False) -> int:
+    """A Llama of this LlamaConfig shape with random fp16 weights (std 0.02; norms at 1 if asked) and qtune's
+    tiny tokenizer, saved to `folder`; returns the parameter count. Nothing is downloaded."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qtune.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if unit_norms and "norm" in name else param.normal_(0, 0.02)
     model.save_pretrained(folder, max_shard_size="1GB")
     tokenizer.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
+
+
+def build_base(folder: Path, layers: int) -> int:
+    return save_random_llama(folder, dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
+                                          max_position_embeddings=2048))
 
 
 def build_run(run_dir: Path, base: Path, layers: int, rank: int = 16) -> None:

@@ -38,26 +38,10 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
 
 def build_model(folder: Path, shape: dict) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    sys.path.insert(0, str(BENCH))
+    from merge_memory import save_random_llama
 
-    from qtune.tiny_models import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_random_llama(folder, {**shape, "max_position_embeddings": 4096}, unit_norms=True)
 
 
 def alpaca_like_rows(count: int, seed: int) -> list[dict]:

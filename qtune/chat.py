@@ -69,14 +69,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def build_prompt(tokenizer, style: str, messages: list[dict]) -> list[int]:
-    from qtune.data import ALPACA_NO_INPUT
+def build_prompt(tokenizer, style: str, messages: list[dict], *, alpaca_input: str = "") -> list[int]:
+    """The prompt as the run trained on it. Alpaca runs take the last message as the instruction and
+    `alpaca_input` as its '### Input:' section, the template the data stage used for rows with an input."""
+    from qtune.data import alpaca_prompt
 
     if style == "chat":
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     last = messages[-1]["content"]
-    text = ALPACA_NO_INPUT.format(instruction=last) if style == "alpaca" else last
-    return tokenizer(text).input_ids
+    return tokenizer(alpaca_prompt(last, alpaca_input) if style == "alpaca" else last).input_ids
 
 
 def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0) -> Reply:
@@ -101,8 +102,10 @@ def chat_loop(model, tokenizer, style: str, *, stdin=None, stdout=None, max_new_
     stdout = stdout or sys.stdout
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()
+    alpaca_input = ""
     if interactive:
-        print("qtune chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=stdout)
+        extra = "; /input TEXT gives the next instruction an input" if style == "alpaca" else ""
+        print(f"qtune chat: type a message; /reset clears the history{extra}, /exit (or Ctrl-D) quits.", file=stdout)
     while True:
         if interactive:
             print("you> ", end="", file=stdout, flush=True)
@@ -117,9 +120,17 @@ def chat_loop(model, tokenizer, style: str, *, stdin=None, stdout=None, max_new_
         if line == "/reset":
             history = history[:1] if system else []
             continue
+        if line.startswith("/input"):
+            if style != "alpaca":
+                print("[/input is for runs trained on alpaca data; type the whole message instead]", file=stdout)
+            else:
+                alpaca_input = line.removeprefix("/input").strip()
+                print(f"[input for the next instruction: {alpaca_input!r}]", file=stdout)
+            continue
         history.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, build_prompt(tokenizer, style, history), max_new_tokens=max_new_tokens,
-                         temperature=temperature)
+        prompt = build_prompt(tokenizer, style, history, alpaca_input=alpaca_input)
+        alpaca_input = ""  # one input per instruction, as in the training rows
+        reply = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
         history.append({"role": "assistant", "content": reply.text})
         print(f"model> {reply.text}", file=stdout)
         if reply.finish_reason == "length":

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from qtune.errors import EXIT_RECIPE, QtuneError
+from qtune.errors import EXIT_PIPE_CLOSED, EXIT_RECIPE, QtuneError
 
 USAGE_EXAMPLES = """examples:
   qtune validate recipes/demo.yaml
@@ -88,14 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=helptext)
         command.add_argument("run_dir")
         if name == "generate":
-            command.add_argument("--prompt", required=True)
+            command.add_argument("--prompt", required=True, help="the instruction (alpaca runs) or the user message")
+            command.add_argument("--input", dest="input_text", default="",
+                                 help="alpaca runs: the input the instruction works on (the '### Input:' section)")
         else:
             command.add_argument("--system", help="system message for chat-format runs")
         command.add_argument("--artifact", help="an export to use instead of the adapter: a merged/nf4 folder or a .gguf")
         command.add_argument("--max-new-tokens", type=int, default=128)
         command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
 
-    tiny = commands.add_parser("make-tiny-model", help="build a small random model + tokenizer locally (demo, tests)")
+    tiny = commands.add_parser("make-tiny-model",
+                               help="build a small model + tokenizer locally and pretrain it briefly (demo, tests)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
@@ -211,7 +214,7 @@ def cmd_generate(args) -> int:
     from qtune.chat import build_prompt, generate, load_for_generation
 
     model, tokenizer, style = load_for_generation(args.run_dir, args.artifact)
-    prompt = build_prompt(tokenizer, style, [{"role": "user", "content": args.prompt}])
+    prompt = build_prompt(tokenizer, style, [{"role": "user", "content": args.prompt}], alpaca_input=args.input_text)
     reply = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     print(reply.text)
     return 0
@@ -237,7 +240,9 @@ def cmd_make_tiny_model(args) -> int:
     if target.is_dir() and any(target.iterdir()) and not (target / "qtune-tiny.json").is_file():
         raise QtuneError(f"{target} is a non-empty folder that is not a qtune tiny model", fix="choose another folder",
                          code=EXIT_RECIPE)
-    out = write_tiny_model(args.out_dir, args.family, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    print(f"make-tiny-model: building a {args.family} tokenizer and model, then {args.pretrain_steps} pretraining steps "
+          f"(about {args.pretrain_steps // 4 + 5} s on 2 free cores)", flush=True)
+    out = write_tiny_model(args.out_dir, args.family, seed=args.seed, pretrain_steps=args.pretrain_steps, progress=True)
     print(f"tiny {args.family} model written to {out} ({args.pretrain_steps} pretraining steps)")
     if args.demo_data:
         print(f"demo data written to {write_demo_data(args.demo_data, seed=args.seed)}")
@@ -256,10 +261,17 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # huggingface_hub logs each "Retrying in Ns" before it raises the error qtune turns into one line.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     # Per-tensor "Loading weights" / "Writing model shards" bars; the training bar (plain tqdm) stays.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # trl's "Truncating train dataset" / "Dropping fully masked examples" passes over data qtune already tokenized,
+    # truncated and checked (its own one-line data report says what they found).
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "memory": cmd_memory, "plan": cmd_plan, "eval": cmd_eval,
@@ -269,6 +281,9 @@ COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, 
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    from qtune.cpu_threads import set_wait_policy_before_torch
+
+    set_wait_policy_before_torch()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -288,7 +303,16 @@ def entry_point() -> None:
     # A file-size limit (ulimit -f) otherwise kills the process mid-write with SIGXFSZ; ignored, the write fails
     # with EFBIG and is reported like a full disk, with the half-written file cleaned up.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`qtune memory M --json | head -1`): nothing more to say, and Python would print a
+        # traceback when it flushes stdout at exit, so stdout goes to /dev/null first. 141 is what a shell reports
+        # for a command ended by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_PIPE_CLOSED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The prompt of one alpaca row; `qtune generate` / `chat` build theirs with it too, so they match training."""
+    if input_text.strip():
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -182,8 +191,7 @@ def normalize_rows(rows: list[dict], spec: DatasetSpec) -> list[dict]:
             check_text(instruction, "instruction", at)
             check_text(output, "output", at)
             check_text(extra, "input", at)
-            template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
-            samples.append({"prompt": template.format(instruction=instruction, input=extra), "completion": output})
+            samples.append({"prompt": alpaca_prompt(instruction, extra), "completion": output})
         elif spec.format == "prompt_completion":
             prompt, completion = get("prompt"), get("completion")
             check_text(prompt, "prompt", at)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from qtune.errors import EXIT_ENVIRONMENT, EXIT_INTEGRITY, EnvironmentProblem, QtuneError, RecipeError
 from qtune.recipe import Recipe, validate_recipe
+from qtune.run_dir import ARTIFACTS, EXPORT_ENTRIES, EXPORT_REPORT, MERGE_WORK, MODELFILE_SUFFIX, claimed
 
 MERGED_FORMATS = {"merged_fp16": "float16", "merged_bf16": "bfloat16"}
 GGUF_FORMATS = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
-FORMATS = ("adapter", *MERGED_FORMATS, "nf4", *GGUF_FORMATS)
+FORMATS = tuple(ARTIFACTS)
 # llama.cpp architecture per transformers model_type; Mistral is written as llama, as llama.cpp's converter does.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 SHARD_BYTES = 2**30  # output shard; the merge holds at most one in memory
@@ -398,9 +399,7 @@ def estimate_bytes(run: TrainedRun, formats: list[str], needs_merge: bool, keep_
 
 
 def artifact_names(formats: list[str]) -> dict[str, str]:
-    names = {"adapter": "adapter", "merged_fp16": "merged-fp16", "merged_bf16": "merged-bf16", "nf4": "nf4"}
-    names.update({f: f"model-{GGUF_FORMATS[f].lower()}.gguf" for f in GGUF_FORMATS})
-    return {f: names[f] for f in formats}
+    return {f: ARTIFACTS[f] for f in formats}
 
 
 def run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path | None = None, merge_base: str = "dequantized",
@@ -422,57 +421,59 @@ def run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path | None =
     needs_fp16 = any(f == "merged_fp16" or f == "nf4" or f in GGUF_FORMATS for f in formats)
     check_free_disk(out, estimate_bytes(trained, formats, needs_fp16, "merged_fp16" in formats))
     samples = fidelity_samples(trained, eval_data, eval_format, eval_samples)
-    out.mkdir(parents=True, exist_ok=True)
-    names = artifact_names(formats)
-    started = time.perf_counter()
-    written: dict[str, Path] = {}
-    work_dir = None
-    try:
-        if "adapter" in formats:
-            staging = staging_dir_for(out / "adapter")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(trained.adapter_dir, staging)
-            publish(staging, out / "adapter")
-            written["adapter"] = out / "adapter"
-        if needs_fp16:
-            fp16_dir = out / names["merged_fp16"] if "merged_fp16" in formats else out / ".merged-fp16-work"
-            work_dir = None if "merged_fp16" in formats else fp16_dir
-            write_merged(trained, fp16_dir, dtype_name="float16", merge_base=merge_base, echo=echo)
-            if "merged_fp16" in formats:
-                written["merged_fp16"] = fp16_dir
-        if "merged_bf16" in formats:
-            written["merged_bf16"] = write_merged(trained, out / names["merged_bf16"], dtype_name="bfloat16",
-                                                  merge_base=merge_base, echo=echo)
-        if "nf4" in formats:
-            written["nf4"] = write_nf4(fp16_dir, out / names["nf4"], trained, echo=echo)
-        gguf_formats = [f for f in formats if f in GGUF_FORMATS]
-        if gguf_formats:
-            from transformers import AutoTokenizer
+    # An export replaces artifacts only inside a folder qtune made for exports, and one export at a time.
+    with claimed(out, kind="export", entries=EXPORT_ENTRIES, overwrite=False, keep=True, what="a qtune export",
+                 option="--out"):
+        names = artifact_names(formats)
+        started = time.perf_counter()
+        written: dict[str, Path] = {}
+        work_dir = None
+        try:
+            if "adapter" in formats:
+                staging = staging_dir_for(out / "adapter")
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.copytree(trained.adapter_dir, staging)
+                publish(staging, out / "adapter")
+                written["adapter"] = out / "adapter"
+            if needs_fp16:
+                fp16_dir = out / names["merged_fp16"] if "merged_fp16" in formats else out / MERGE_WORK
+                work_dir = None if "merged_fp16" in formats else fp16_dir
+                write_merged(trained, fp16_dir, dtype_name="float16", merge_base=merge_base, echo=echo)
+                if "merged_fp16" in formats:
+                    written["merged_fp16"] = fp16_dir
+            if "merged_bf16" in formats:
+                written["merged_bf16"] = write_merged(trained, out / names["merged_bf16"], dtype_name="bfloat16",
+                                                      merge_base=merge_base, echo=echo)
+            if "nf4" in formats:
+                written["nf4"] = write_nf4(fp16_dir, out / names["nf4"], trained, echo=echo)
+            gguf_formats = [f for f in formats if f in GGUF_FORMATS]
+            if gguf_formats:
+                from transformers import AutoTokenizer
 
-            from qtune.gguf_file import ollama_modelfile, write_gguf
+                from qtune.gguf_file import ollama_modelfile, write_gguf
 
-            tokenizer = AutoTokenizer.from_pretrained(fp16_dir)
-            trained_on_alpaca = all(d.format == "alpaca" for d in trained.recipe.data.datasets)
-        for fmt in gguf_formats:
-            written[fmt] = write_gguf(fp16_dir, out / names[fmt], GGUF_FORMATS[fmt], echo=echo)
-            modelfile = ollama_modelfile(names[fmt], tokenizer, trained_on_alpaca=trained_on_alpaca)
-            (out / f"{names[fmt]}.Modelfile").write_text(modelfile)
-        seconds = time.perf_counter() - started
-        report = fidelity_report(trained, written, samples, merge_base=merge_base, echo=echo)
-    except Exception as e:
-        from qtune.checkpoints import disk_full, is_disk_full
+                tokenizer = AutoTokenizer.from_pretrained(fp16_dir)
+                trained_on_alpaca = all(d.format == "alpaca" for d in trained.recipe.data.datasets)
+            for fmt in gguf_formats:
+                written[fmt] = write_gguf(fp16_dir, out / names[fmt], GGUF_FORMATS[fmt], echo=echo)
+                modelfile = ollama_modelfile(names[fmt], tokenizer, trained_on_alpaca=trained_on_alpaca)
+                (out / (names[fmt] + MODELFILE_SUFFIX)).write_text(modelfile)
+            seconds = time.perf_counter() - started
+            report = fidelity_report(trained, written, samples, merge_base=merge_base, echo=echo)
+        except Exception as e:
+            from qtune.checkpoints import disk_full, is_disk_full
 
-        if is_disk_full(e):  # each writer has already removed its own half-written staging folder
-            raise disk_full("the export", out, fix="free disk space (finished exports are intact) and run the export again") from None
-        raise
-    finally:
-        if work_dir is not None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    report.update(export_seconds=seconds, formats=formats, out_dir=str(out))
-    from qtune.finetune import write_json_atomically
+            if is_disk_full(e):  # each writer has already removed its own half-written staging folder
+                raise disk_full("the export", out, fix="free disk space (finished exports are intact) and run the export again") from None
+            raise
+        finally:
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+        report.update(export_seconds=seconds, formats=formats, out_dir=str(out))
+        from qtune.finetune import write_json_atomically
 
-    write_json_atomically(out / "export_report.json", report)
-    echo(f"export: report written to {out / 'export_report.json'}")
+        write_json_atomically(out / EXPORT_REPORT, report)
+    echo(f"export: report written to {out / EXPORT_REPORT}")
     return report
 
 

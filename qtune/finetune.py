@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,55 +22,7 @@ from qtune import checkpoints
 from qtune import data as data_stage
 from qtune.errors import EXIT_INTEGRITY, QtuneError, RecipeError
 from qtune.recipe import LogSection, Recipe, TrainSection, recipe_to_yaml
-
-RECIPE_FILE = "recipe.yaml"
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-METRICS = "metrics.json"
-EVAL_BEFORE = "eval_before.json"
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-def prepare_run_dir(train: TrainSection, *, resume: bool, overwrite: bool, hub_checkpoints: bool = False) -> tuple[Path, bool]:
-    """Check the output folder; returns it and whether this call created it.
-
-    Never writes into (or deletes) a non-empty folder unless asked: --resume continues a qtune run,
-    --overwrite starts one over. With checkpoints on the Hub, --resume may start from an empty folder.
-    """
-    run_dir = Path(train.output_dir).expanduser()
-    is_run = (run_dir / RECIPE_FILE).is_file()
-    if resume and hub_checkpoints and not is_run and not (run_dir.is_dir() and any(run_dir.iterdir())):
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, created
-    if resume:
-        if not is_run:
-            raise QtuneError(
-                f"nothing to resume: {run_dir} is not a qtune run folder",
-                fix="run without --resume to start a new run",
-                code=EXIT_INTEGRITY,
-            )
-        return run_dir, False
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RecipeError(f"train.output_dir is a file: {run_dir}", fix="choose a folder path")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            what = "a previous qtune run" if is_run else "a non-empty folder that is not a qtune run"
-            raise RecipeError(
-                f"train.output_dir {run_dir} holds {what}",
-                fix="add --resume to continue it, --overwrite to replace it, or set another train.output_dir",
-            )
-        shutil.rmtree(run_dir)
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from qtune.errors import EnvironmentProblem
-
-        raise EnvironmentProblem(f"cannot create train.output_dir {run_dir}: {e.strerror}", fix="check permissions") from None
-    return run_dir, created
+from qtune.run_dir import ADAPTER, CHECKPOINTS, EVAL_BEFORE, METRICS, RECIPE_FILE, claimed_run
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -183,9 +136,11 @@ def progress_callback_class():
                 postfix["loss"] = f"{logs['loss']:.4f}"
             if "learning_rate" in logs:
                 postfix["lr"] = f"{logs['learning_rate']:.2e}"
+            if "train_runtime" in logs:
+                return  # the Trainer's closing summary: the rate over the whole run is qtune's last line
             if "num_input_tokens_seen" in logs:
                 now = (time.perf_counter(), logs["num_input_tokens_seen"])
-                if self.last is not None and now[0] > self.last[0]:
+                if self.last is not None and now[0] > self.last[0] and now[1] > self.last[1]:
                     postfix["tok/s"] = f"{(now[1] - self.last[1]) / (now[0] - self.last[0]):.0f}"
                 self.last = now
             if bar is not None and postfix:
@@ -341,32 +296,43 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     """Fine-tune as the recipe says; returns the metrics also written to metrics.json."""
     from qtune import distributed
 
-    if distributed.rank() == 0:
-        run_dir, created = prepare_run_dir(recipe.train, resume=resume, overwrite=overwrite,
-                                           hub_checkpoints=recipe.hub.push_checkpoints)
-        distributed.barrier()
-    else:
+    if distributed.rank() != 0:
         echo = lambda *_: None  # noqa: E731  (one voice: the main process reports)
-        distributed.barrier()  # the main process has prepared (or refused) the run folder
-        run_dir, created = Path(recipe.train.output_dir).expanduser(), False
-    try:
-        prepared = prepare(recipe, run_dir, resume=resume, echo=echo, force=force)
-    except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    metrics = fit(recipe, run_dir, *prepared, resume=resume, echo=echo)
-    if prepared[0].is_world_process_zero():
-        if recipe.export.formats:
-            from qtune import export
+    with claimed_run_on_main(recipe, resume=resume, overwrite=overwrite) as claim:
+        run_dir = Path(recipe.train.output_dir).expanduser()
+        try:
+            prepared = prepare(recipe, run_dir, resume=resume, echo=echo, force=force)
+        except BaseException:
+            if claim is not None:
+                claim.abandon()
+            raise
+        metrics = fit(recipe, run_dir, *prepared, resume=resume, echo=echo)
+        if prepared[0].is_world_process_zero():
+            if recipe.export.formats:
+                from qtune import export
 
-            metrics["export"] = export.run(run_dir, list(recipe.export.formats), merge_base=recipe.export.merge_base,
-                                           eval_samples=recipe.export.eval_samples, echo=echo)
-        if recipe.hub.repo_id:
-            from qtune import hub
+                metrics["export"] = export.run(run_dir, list(recipe.export.formats), merge_base=recipe.export.merge_base,
+                                               eval_samples=recipe.export.eval_samples, echo=echo)
+            if recipe.hub.repo_id:
+                from qtune import hub
 
-            hub.push(run_dir, recipe.hub.repo_id, list(recipe.hub.push), private=recipe.hub.private, echo=echo)
+                hub.push(run_dir, recipe.hub.repo_id, list(recipe.hub.push), private=recipe.hub.private, echo=echo)
     return metrics
+
+
+@contextmanager
+def claimed_run_on_main(recipe: Recipe, *, resume: bool, overwrite: bool):
+    """The main process claims and locks the run folder (or refuses) before any rank reads or writes in it."""
+    from qtune import distributed
+
+    if distributed.rank() != 0:
+        distributed.barrier()
+        yield None
+        return
+    with claimed_run(recipe.train.output_dir, resume=resume, overwrite=overwrite,
+                     hub_checkpoints=recipe.hub.push_checkpoints) as claim:
+        distributed.barrier()
+        yield claim
 
 
 def warn_if_plan_predicts_oom(recipe: Recipe, echo) -> None:
@@ -437,9 +403,16 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
 
         hub.require_token()  # before hours of training, not after
     use_cpu = not torch.cuda.is_available()
+    if use_cpu:
+        from qtune.cpu_threads import size_thread_pool
+
+        size_thread_pool(echo)
     compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
     if not use_cpu:
         warn_if_plan_predicts_oom(recipe, echo)
+    if use_cpu and recipe.train.optimizer.startswith("paged_"):
+        echo(f"optimizer: {recipe.train.optimizer} pages its state only on a GPU; on CPU bitsandbytes runs it unpaged "
+             "(the same update)")
     checkpointing = resolve_gradient_checkpointing(recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo)
     tokenizer = model_stage.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
@@ -459,6 +432,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     rss_before_model = current_rss_bytes()
     base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
     model_stage.check_vocabulary_fits(base, tokenizer, prepared)
+    model_stage.align_special_tokens(base, tokenizer)
     from transformers import set_seed
 
     # The LoRA init draws from the global RNG: seed it here, or it depends on whatever ran before (under
@@ -708,7 +682,10 @@ def fit(recipe: Recipe, run_dir: Path, trainer, prepared, checkpoint, use_cpu: b
             if checkpoint is not None:
                 echo(f"resume: continuing from {checkpoint.name}")
             try:
-                result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                with warnings.catch_warnings():
+                    # bitsandbytes' warning on the first step; qtune said it in its own words before the load
+                    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+                    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             except StoppedDuringEvaluation:
                 if trainer.state.global_step > 0:  # evaluation runs between steps: the state is a step boundary
                     trainer._save_checkpoint(trainer.model, trial=None)

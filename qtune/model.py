@@ -141,6 +141,24 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
     return base
 
 
+def align_special_tokens(base, tokenizer) -> None:
+    """Give the model config and generation config the tokenizer's pad / bos / eos ids (qtune chose the pad token).
+
+    The Trainer does the same on construction with transformers' own function, and logs a note about it that the
+    user cannot act on; done here first, with that logger quiet, the Trainer finds nothing left to align.
+    """
+    from transformers.trainer_utils import align_special_tokens as align
+    from transformers.utils import logging as transformers_logging
+
+    logger = transformers_logging.get_logger("transformers.trainer_utils")
+    level = logger.level
+    logger.setLevel(transformers_logging.ERROR)
+    try:
+        align(base, tokenizer)
+    finally:
+        logger.setLevel(level)
+
+
 def check_vocabulary_fits(base, tokenizer, prepared) -> None:
     """Token ids beyond the embedding table crash deep inside the first forward pass; say so up front."""
     rows = base.get_input_embeddings().num_embeddings

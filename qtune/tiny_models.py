@@ -183,7 +183,8 @@ def pretraining_text(seed: int = 0, lines: int = 4000) -> list[str]:
     return text
 
 
-def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3) -> list[float]:
+def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
+             progress: bool = False) -> list[float]:
     """A short full-precision language-model run so the base has real (not random) weights.
 
     Quantization error, and what fine-tuning adds, only mean something on a model that knows something.
@@ -199,6 +200,9 @@ def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 1
     generator = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="pretraining", disable=not progress, dynamic_ncols=True)
     for _ in range(steps):
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
         batch = torch.stack([stream[s : s + seq_len] for s in starts])
@@ -209,18 +213,21 @@ def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 1
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update()
+    bar.close()
     model.eval()
     return losses
 
 
 def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, pretrain_steps: int = 0,
-                     tokenizer_kind: str = "bpe", **shape) -> Path:
+                     tokenizer_kind: str = "bpe", progress: bool = False, **shape) -> Path:
     """Build a tokenizer (byte-level BPE, or Llama-2-style SentencePiece) and a model (optionally pretrained
     a little) and save both (safetensors) into `out_dir`."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(seed=seed) if tokenizer_kind == "bpe" else build_sentencepiece_tokenizer(seed=seed)
     model = build_model(family, tokenizer, seed=seed, **shape)
-    losses = pretrain(model, tokenizer, steps=pretrain_steps, seed=seed) if pretrain_steps else []
+    losses = pretrain(model, tokenizer, steps=pretrain_steps, seed=seed, progress=progress) if pretrain_steps else []
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

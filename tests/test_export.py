@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from qtune.run_dir import LOCK, MARKER
 import torch
 
 from conftest import recipe_dict, write_recipe
@@ -33,7 +35,8 @@ def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, famil
         assert np.isfinite(rows[name]["perplexity"]) and rows[name]["mean_kl"] > rows["gguf_q8_0"]["mean_kl"]
     assert "adapter+NF4" in stdout and "gguf_q4_0" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert not list(out.glob(".*"))  # no staging or work folders left behind
+    # no staging or work folders left behind: only qtune's marker and lock are hidden
+    assert sorted(p.name for p in out.glob(".*")) == sorted([MARKER, LOCK])
     modelfile = (out / "model-q8_0.gguf.Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-q8_0.gguf") and "TEMPLATE" in modelfile and "PARAMETER stop" in modelfile
 
@@ -188,7 +191,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_earlier_one(llama_run, tmp_p
         export.run(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted([MARKER, LOCK])  # no staging left
 
 
 def test_not_enough_disk_is_refused_with_the_numbers(llama_run, tmp_path, monkeypatch):

@@ -109,6 +109,7 @@ def test_eval_before_train_keeps_gradients(tiny_llama, cpu_with_avx512bf16):
     assert torch.equal(clean, after_eval)
 
 
+@pytest.mark.filterwarnings("ignore:bitsandbytes..gemv_4bit:UserWarning")  # the repacked op, reached on purpose here
 def test_the_repack_trap_is_real(tiny_llama, cpu_with_avx512bf16):
     """Why the guard exists: without it, gradients after an eval pass are wrong (cosine 0.34 on the
     machine where it was found; near 0 on this tiny model)."""
@@ -116,3 +117,29 @@ def test_the_repack_trap_is_real(tiny_llama, cpu_with_avx512bf16):
     trapped = lora_gradients(tiny_llama, eval_first=True, repack_guard=False)
     cosine = torch.nn.functional.cosine_similarity(clean, trapped, dim=0).item()
     assert cosine < 0.99
+
+
+def test_a_one_token_row_trains_with_exact_gradients(tiny_llama, cpu_with_avx512bf16):
+    """bitsandbytes sends a single-token input that needs no gradient to `gemv_4bit`, an op without a backward (torch
+    warns "may lead to silently incorrect behavior" when one backprops through it). In training that input is the
+    frozen embedding's output, so nothing needs its gradient: the LoRA gradients of one token alone equal half those
+    of the same token twice in a batch, which goes through bitsandbytes' differentiable MatMul4Bit. The suite turns
+    that torch warning into an error (pyproject.toml), so a training path that does backprop through gemv_4bit fails.
+    """
+    torch.manual_seed(0)
+    base = model_stage.load_base(ModelSection(name=str(tiny_llama)), QuantSection(), torch.float32)
+    torch.manual_seed(0)
+    model = model_stage.attach_lora(base, LoraSection(dropout=0.0), gradient_checkpointing=False)
+    for module in model.modules():  # LoRA B starts at zero: make every branch carry a gradient to its A
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.02)
+    model.train()
+
+    def gradients(ids):
+        model.zero_grad()
+        model(input_ids=torch.tensor(ids)).logits.float().pow(2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    one, twice = gradients([[17]]), gradients([[17], [17]])
+    assert one.abs().sum() > 0
+    torch.testing.assert_close(2 * one, twice, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,7 @@ import yaml
 from conftest import recipe_dict, write_recipe
 
 from qtune import checkpoints
+from qtune.run_dir import LOCK, MARKER
 
 STEPS = 24
 
@@ -368,7 +369,7 @@ def test_disk_full_during_an_export_is_exit_4_with_nothing_partial(tmp_path, lla
     assert done.returncode == 4, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("qtune: error: disk full while writing the export")
     assert "Traceback" not in done.stderr
-    assert not [p for p in out.iterdir() if p.name.startswith(".")] if out.exists() else True
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, LOCK])  # nothing partial, no staging folder
 
 
 def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, tiny_llama, alpaca_file):

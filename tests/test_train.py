@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import recipe_dict, write_jsonl, write_recipe
 from qtune import finetune
 from qtune.recipe import validate_recipe
+from qtune.run_dir import claimed_run
 
 
 def lora_state(path):
@@ -41,7 +43,9 @@ def test_cli_train_end_to_end(tmp_path, tiny_llama, alpaca_file, run_cli):
 def train_in_process(recipe_raw):
     """The CLI's path without argument parsing, keeping the trainer to inspect the trained model."""
     recipe = validate_recipe(recipe_raw)
-    run_dir, _ = finetune.prepare_run_dir(recipe.train, resume=False, overwrite=False)
+    run_dir = Path(recipe.train.output_dir)
+    with claimed_run(run_dir, resume=False, overwrite=False):
+        pass
     trainer, prepared, checkpoint, use_cpu = finetune.prepare(recipe, run_dir, resume=False, echo=lambda *_: None)
     return recipe, run_dir, trainer, prepared, checkpoint, use_cpu
 
@@ -161,7 +165,7 @@ def test_existing_output_dir_is_protected(tmp_path, tiny_llama, alpaca_file, run
     (out / "notes.txt").write_text("mine")
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama, alpaca_file, out))
     code, _, err = run_cli("train", recipe)
-    assert code == 2 and "not a qtune run" in err and "--overwrite" in err
+    assert code == 2 and "did not create" in err
     code, _, err = run_cli("train", recipe, "--resume")
     assert code == 5 and "nothing to resume" in err
     assert (out / "notes.txt").read_text() == "mine"

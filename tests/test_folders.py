@@ -1,0 +1,144 @@
+"""qtune deletes or replaces only what it wrote, and one process at a time writes into a run or export folder."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import recipe_dict, write_recipe
+
+from qtune.run_dir import LOCK, MARKER, FolderLock, claimed_run, is_run
+
+RECIPE = 2
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qtune", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}, timeout=timeout)
+
+
+def user_project(folder: Path, tiny_llama, alpaca_file, output_dir: str) -> Path:
+    """A user's project folder: their notes, their data, their recipe."""
+    (folder / "notes").mkdir(parents=True)
+    (folder / "notes" / "thesis.txt").write_text("three years of work")
+    (folder / "data.jsonl").write_bytes(Path(alpaca_file).read_bytes())
+    raw = recipe_dict(tiny_llama, folder / "data.jsonl", output_dir)
+    write_recipe(folder / "r.yaml", raw)
+    return folder / "r.yaml"
+
+
+@pytest.mark.parametrize("where", ["dot", "home", "folder", "symlink", "recipe_yaml"])
+def test_overwrite_never_deletes_a_folder_qtune_did_not_create(tmp_path, tiny_llama, alpaca_file, where):
+    """`output_dir: .`, `~`, a folder of the user's, a symlink to one, or one that happens to hold a recipe.yaml:
+    refused with one line, --overwrite included, and nothing in it touched."""
+    project = tmp_path / "project"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export PATH")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(b"\xff\xd8")
+    if where == "recipe_yaml":
+        (mine / "recipe.yaml").write_text("mine: true\n")  # a file name qtune writes, in a folder qtune did not make
+    (tmp_path / "link").symlink_to(mine)
+    output = {"dot": ".", "home": "~", "folder": str(mine), "symlink": str(tmp_path / "link"), "recipe_yaml": str(mine)}
+    recipe = user_project(project, tiny_llama, alpaca_file, output[where])
+    before = {p: snapshot(p) for p in (project, home, mine)}
+    for flags in ((), ("--overwrite",)):
+        done = cli("train", recipe, *flags, cwd=project, env={"HOME": str(home)})
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == RECIPE, done.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("qtune: error:") and "did not create" in lines[0]
+        assert "--overwrite" not in lines[0].split("—")[-1]  # the fix no longer suggests it
+    assert {p: snapshot(p) for p in (project, home, mine)} == before
+
+
+def test_overwrite_replaces_a_run_but_refuses_when_the_user_added_files(tmp_path, tiny_llama, alpaca_file):
+    out = tmp_path / "run"
+    with claimed_run(out, resume=False, overwrite=False):
+        (out / "metrics.json").write_text("{}")
+    assert is_run(out)
+    with claimed_run(out, resume=False, overwrite=True):
+        assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK]  # qtune's own files went, the lock stays
+    (out / "my-notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="did not write.*my-notes.txt") as error:
+        with claimed_run(out, resume=False, overwrite=True):
+            pass
+    assert error.value.code == RECIPE and (out / "my-notes.txt").read_text() == "mine"
+
+
+def test_lock_refuses_a_second_holder_and_a_killed_holder_leaves_nothing_stuck(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'x').acquire(); "
+                               "print('held', flush=True); time.sleep(600)", str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(Exception, match=f"in use by x running as process {holder.pid}"):
+        FolderLock(folder, "x").acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    FolderLock(folder, "x").acquire().release()  # the kernel dropped the dead holder's lock
+
+
+def test_two_trainings_into_one_folder_the_second_is_refused_and_nothing_is_lost(tmp_path, tiny_llama, alpaca_file):
+    """Two terminals, one recipe: the second start is refused naming the first; kill -9 of the first, then
+    --resume, still works (the lock dies with its holder)."""
+    raw = recipe_dict(tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 150, "save_steps": 2, "eval_steps": None})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "QTUNE_SAMPLE_TRACE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "qtune", "train", str(recipe)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trace = tmp_path / "run" / "sample_trace" / "steps-rank-0.jsonl"
+    deadline = time.time() + 300
+    while not (trace.is_file() and len(trace.read_text().splitlines()) >= 3):
+        assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    second = cli("train", recipe)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == RECIPE and len(lines) == 1 and f"process {first.pid}" in lines[0]
+    for flags in (("--resume",), ("--overwrite",)):  # neither may take the folder from under a live run
+        assert cli("train", recipe, *flags).returncode == RECIPE
+    assert first.poll() is None  # untouched by the refused starts
+    first.kill()
+    first.wait()
+    resumed = cli("train", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert any((tmp_path / "run" / "checkpoints").glob("checkpoint-150"))
+
+
+def test_an_export_into_a_folder_another_export_holds_is_refused(tmp_path, llama_run, run_cli):
+    out = tmp_path / "export"
+    code, _, err = run_cli("export", llama_run, "--format", "adapter", "--out", out, "--eval-samples", "2")
+    assert code == 0, err
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'a qtune export')"
+                               ".acquire(); print('held', flush=True); time.sleep(600)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        code, _, err = run_cli("export", llama_run, "--format", "adapter", "--out", out, "--eval-samples", "2")
+        assert code == RECIPE and f"in use by a qtune export running as process {holder.pid}" in err
+        assert {k: v for k, v in snapshot(out).items() if k != LOCK} == {k: v for k, v in before.items() if k != LOCK}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_export_never_writes_into_a_folder_qtune_did_not_create(tmp_path, llama_run, run_cli):
+    mine = tmp_path / "mine"
+    (mine / "adapter").mkdir(parents=True)
+    (mine / "adapter" / "my-own-adapter.bin").write_bytes(b"mine")
+    before = snapshot(mine)
+    code, _, err = run_cli("export", llama_run, "--format", "adapter", "--out", mine)
+    assert code == RECIPE and "did not create" in err and snapshot(mine) == before
+

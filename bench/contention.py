@@ -1,5 +1,6 @@
 """A CPU training run beside other CPU-heavy processes: seconds per step alone, with one and with two neighbours,
-with torch's and OpenMP's defaults ("before") and with qtune's thread policy ("after", qtune/cpu_threads.py).
+with torch's and OpenMP's defaults ("before"), with OpenMP's passive wait ("passive": OMP_WAIT_POLICY=PASSIVE, the
+cure qtune measured and did not take) and with qtune's thread policy ("after", qtune/cpu_threads.py).
 
 Each neighbour is another `qtune train` of the same recipe, started first and killed once the measured run ends;
 neighbours and measured run use the same policy, as two users of one machine would. The measured run's seconds per
@@ -24,7 +25,8 @@ from pathlib import Path
 import yaml
 
 BENCH = Path(__file__).resolve().parent
-POLICIES = {"before": {"QTUNE_CPU_THREADS": "all"}, "after": {}}
+POLICIES = {"before": {"QTUNE_CPU_THREADS": "all"}, "passive": {"QTUNE_CPU_THREADS": "all", "OMP_WAIT_POLICY": "PASSIVE"},
+            "after": {}}
 
 
 def recipe(model: Path, data: Path, out: Path, steps: int) -> dict:
@@ -84,12 +86,12 @@ def main() -> None:
             print(f"{policy:<7} {neighbours} neighbour(s): {row['seconds_per_step']:6.2f} s/step  {row['qtune_said'] or ''}",
                   flush=True)
     alone = {r["policy"]: r["seconds_per_step"] for r in rows if r["neighbours"] == 0}
-    print(f"\n{'neighbours':<11} {'before s/step':>14} {'x alone':>8} {'after s/step':>13} {'x alone':>8} {'after/before':>13}")
+    print(f"\ns/step (x the 'before' run alone)")
+    print(f"{'neighbours':<11}" + "".join(f"{policy:>18}" for policy in POLICIES) + f"{'after/before':>14}")
     for neighbours in (0, 1, 2):
-        before, after = (next(r["seconds_per_step"] for r in rows if r["neighbours"] == neighbours and r["policy"] == p)
-                         for p in ("before", "after"))
-        print(f"{neighbours:<11} {before:>14.2f} {before / alone['before']:>7.1f}x {after:>13.2f} "
-              f"{after / alone['before']:>7.1f}x {after / before:>12.2f}x")
+        seconds = {r["policy"]: r["seconds_per_step"] for r in rows if r["neighbours"] == neighbours}
+        print(f"{neighbours:<11}" + "".join(f"{seconds[p]:>10.2f} ({seconds[p] / alone['before']:>4.1f}x)" for p in POLICIES)
+              + f"{seconds['after'] / seconds['before']:>13.2f}x")
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "contention.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
 

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("run_dir")
     evaluation.add_argument("--data", help="a data file (default: the run's validation split)")
     evaluation.add_argument("--format", dest="data_format", help="format of --data (default: the recipe's first)")
-    evaluation.add_argument("--samples", type=int, default=64)
+    evaluation.add_argument("--samples", type=int, help="at most this many samples (default: all of them)")
 
     report = commands.add_parser("quantize-report", help="every precision of one model: memory, load time, perplexity")
     report.add_argument("model", help="a local model folder")
@@ -281,9 +281,6 @@ COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, 
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    from qtune.cpu_threads import set_wait_policy_before_torch
-
-    set_wait_policy_before_torch()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -1,64 +1,105 @@
 """CPU threads when the machine is shared: why a CPU run collapsed ~30x beside one other job, and what qtune does.
 
 torch's CPU kernels run in OpenMP parallel regions with one thread per core. At the end of each region libgomp's
-threads spin-wait (by default for ~300,000 spins) for the slowest one. When another process holds a core, one
-thread of the region is descheduled and the others burn their time slice spinning until it runs again: every one
-of the thousands of small regions in a training step pays a scheduler time slice. Fair sharing would cost 2-3x;
-this costs 30x (bench/contention.py measures it).
+threads spin-wait for the slowest one. When another process holds a core, one thread of the region is descheduled
+and the others spin until it runs again: each of the thousands of small regions in a training step pays for a
+scheduler time slice. Fair sharing would cost 2x; this cost 30x (bench/contention.py measures it).
 
-qtune, on CPU, unless QTUNE_CPU_THREADS says otherwise:
-- sets OMP_WAIT_POLICY=PASSIVE before torch loads (a waiting thread sleeps instead of spinning);
-- counts the cores other processes keep busy at the start and trains on the free ones only, and says so.
+Two cures were measured (bench/contention.py). OMP_WAIT_POLICY=PASSIVE (waiting threads sleep) made a run on an
+idle machine 1.9x slower on the demo model, so qtune does not set it. Training on the free cores only costs nothing
+alone and removes the spinning: qtune counts the cores other processes keep busy before training and again every
+few seconds while it trains (a neighbour may start or stop at any time), and sizes torch's thread pool to the free
+ones, saying so when it changes.
 
-QTUNE_CPU_THREADS=N fixes the thread count; QTUNE_CPU_THREADS=all leaves torch's and OpenMP's defaults alone.
+QTUNE_CPU_THREADS=N fixes the thread count; QTUNE_CPU_THREADS=all leaves torch's default (one per core) alone, as
+does an OMP_NUM_THREADS the user (or torchrun, one per process) has set.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 SETTING = "QTUNE_CPU_THREADS"
+RECHECK_SECONDS = 5.0
 
 
-def set_wait_policy_before_torch() -> None:
-    """Must run before torch is imported: libgomp reads OMP_WAIT_POLICY once, when it loads."""
-    if os.environ.get(SETTING, "").strip().lower() != "all":
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def busy_cores_elsewhere(sample_seconds: float = 0.5) -> float:
-    """Cores kept busy by other processes over a short sample (this process is idle while it samples)."""
-    import psutil
-
-    return psutil.cpu_percent(interval=sample_seconds) / 100 * (psutil.cpu_count() or 1)
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def choose_threads(cores: int, busy_elsewhere: float) -> int:
-    """The free cores, at least one. A core counts as taken when another process uses more than half of it."""
+    """The free cores, at least one. A core counts as taken when other processes use more than half of it."""
     return max(1, min(cores, cores - int(busy_elsewhere + 0.5)))
 
 
-def size_thread_pool(echo=print) -> int | None:
-    """Set torch's thread count for a CPU run; returns it (None: left to torch)."""
-    import torch
-
+def fixed_setting() -> int | str | None:
+    """QTUNE_CPU_THREADS as a thread count, "all", or None when qtune should follow the free cores."""
     setting = os.environ.get(SETTING, "").strip().lower()
     if setting == "all" or (not setting and "OMP_NUM_THREADS" in os.environ):
-        return None  # the user's (or torchrun's: one thread per process) choice stands
-    if setting:
-        try:
-            threads = int(setting)
-        except ValueError:
-            from qtune.errors import RecipeError
+        return "all"  # the user's (or torchrun's) choice stands
+    if not setting:
+        return None
+    try:
+        return max(1, int(setting))
+    except ValueError:
+        from qtune.errors import RecipeError
 
-            raise RecipeError(f"{SETTING}={setting!r} is not a number", fix=f"set {SETTING} to a thread count or 'all'") from None
-        torch.set_num_threads(max(1, threads))
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = busy_cores_elsewhere()
-    threads = choose_threads(cores, busy)
-    torch.set_num_threads(threads)
-    if threads < cores:
-        echo(f"cpu: other processes keep {busy:.1f} of {cores} cores busy; training on {threads} thread(s). Steps "
-             f"will be slower than on an idle machine ({SETTING}=N to choose)")
-    return threads
+        raise RecipeError(f"{SETTING}={setting!r} is not a number", fix=f"set {SETTING} to a thread count or 'all'") from None
+
+
+class FreeCoreThreads:
+    """Keeps torch's CPU thread count at the number of cores other processes leave free."""
+
+    def __init__(self, echo=print, recheck_seconds: float = RECHECK_SECONDS):
+        import psutil
+
+        self.echo = echo
+        self.recheck_seconds = recheck_seconds
+        self.cores = usable_cores()
+        self.process = psutil.Process()
+        self.setting = fixed_setting()
+        self.last_check = None
+
+    def busy_elsewhere(self) -> float:
+        """Cores used by other processes since the previous call (system-wide use minus this process's own)."""
+        import psutil
+
+        system = psutil.cpu_percent() / 100 * (psutil.cpu_count() or 1)
+        own = self.process.cpu_percent() / 100
+        return max(0.0, system - own)
+
+    def start(self, sample_seconds: float = 0.5) -> int | None:
+        """Before training: sample the machine while this process is idle, and size the pool. None: left to torch."""
+        import torch
+
+        if self.setting == "all":
+            return None
+        if isinstance(self.setting, int):
+            torch.set_num_threads(self.setting)
+            return self.setting
+        self.busy_elsewhere()  # psutil measures between two calls: this one starts the interval
+        time.sleep(sample_seconds)
+        return self.adjust(torch)
+
+    def adjust(self, torch) -> int:
+        busy = self.busy_elsewhere()
+        self.last_check = time.monotonic()
+        threads = choose_threads(self.cores, busy)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            if threads < self.cores:
+                self.echo(f"cpu: other processes keep {busy:.1f} of {self.cores} cores busy; training on {threads} "
+                          f"thread(s), slower than on an idle machine ({SETTING}=N to choose)")
+            else:
+                self.echo(f"cpu: the other processes are gone; training on all {threads} cores again")
+        return threads
+
+    def recheck(self) -> None:
+        """During training, at most every `recheck_seconds`: follow neighbours that started or stopped."""
+        if self.setting is not None or self.last_check is None:
+            return
+        if time.monotonic() - self.last_check >= self.recheck_seconds:
+            import torch
+
+            self.adjust(torch)

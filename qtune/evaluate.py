@@ -22,10 +22,10 @@ class Sample:
     labels: list[int]
 
 
-def samples_from(dataset, limit: int, max_tokens: int = 256) -> list[Sample]:
-    """At most `limit` samples of at most `max_tokens` tokens: the reference logits are held in memory
-    (limit x max_tokens x vocabulary x 4 bytes: 1 GiB for 32 x 256 x 32k)."""
-    rows = dataset.select(range(min(limit, len(dataset))))
+def samples_from(dataset, limit: int | None, max_tokens: int | None = 256) -> list[Sample]:
+    """At most `limit` (None: all) samples of at most `max_tokens` tokens. The fidelity report holds the reference
+    logits in memory (limit x max_tokens x vocabulary x 4 bytes: 1 GiB for 32 x 256 x 32k)."""
+    rows = dataset.select(range(len(dataset) if limit is None else min(limit, len(dataset))))
     return [Sample(r["input_ids"][:max_tokens], r["labels"][:max_tokens]) for r in rows]
 
 
@@ -91,28 +91,26 @@ def format_table(rows: dict[str, dict], reference_perplexity: float) -> str:
     return "\n".join(lines)
 
 
-def mean_loss(logits: list[torch.Tensor], samples: list[Sample]) -> float:
-    return math.log(perplexity(logits, samples))
-
-
 # --------------------------------------------------------------------------- qtune eval
 
 
-def eval_run(run_dir, *, data: str | None = None, data_format: str | None = None, samples: int = 64, echo=print) -> dict:
-    """Loss and perplexity of the 4-bit base, the adapter and every export in the run, on the same samples."""
+def eval_run(run_dir, *, data: str | None = None, data_format: str | None = None, samples: int | None = None,
+             echo=print) -> dict:
+    """Loss and perplexity of the 4-bit base, the adapter and every export in the run, on the same samples: by
+    default the whole validation split the training evaluated on. The loss is the mean over supervised tokens."""
     from pathlib import Path
 
     from qtune import export
 
     trained = export.open_run(run_dir)
-    chosen = export.fidelity_samples(trained, data, data_format, samples)
+    chosen = export.fidelity_samples(trained, data, data_format, samples, max_tokens=None)  # whole, as trained
     on_gpu = torch.cuda.is_available()
     compute = torch.float32
-    rows = {}
+    losses = {}
     adapted = export.load_adapter_model(trained, compute)
     with adapted.disable_adapter():
-        rows["base (4-bit)"] = sample_logits(adapted, chosen)
-    rows["adapter"] = sample_logits(adapted, chosen)
+        losses["base (4-bit)"] = supervised_loss(adapted, chosen)
+    losses["adapter"] = supervised_loss(adapted, chosen)
     del adapted
     export_dir = Path(run_dir) / "export"
     found = {"merged_fp16": export_dir / "merged-fp16", "merged_bf16": export_dir / "merged-bf16", "nf4": export_dir / "nf4"}
@@ -120,17 +118,41 @@ def eval_run(run_dir, *, data: str | None = None, data_format: str | None = None
     for fmt, path in found.items():
         if path.exists():
             model = export.load_artifact(fmt, path, on_gpu)
-            rows[fmt] = sample_logits(model, chosen)
+            losses[fmt] = supervised_loss(model, chosen)
             del model
-    table = {name: {"loss": mean_loss(logits, chosen), "perplexity": perplexity(logits, chosen)} for name, logits in rows.items()}
-    echo(f"{'model':<14} {'loss':>8} {'perplexity':>11}   ({len(chosen)} samples)")
+    table = {name: {"loss": loss, "perplexity": math.exp(loss)} for name, loss in losses.items()}
+    where = f"--data {data}" if data else "the run's validation split"
+    echo(f"{'model':<14} {'loss':>8} {'perplexity':>11}   ({len(chosen)} samples of {where}; mean over supervised tokens)")
     for name, row in table.items():
         echo(f"{name:<14} {row['loss']:>8.4f} {row['perplexity']:>11.4f}")
+    metrics_file = Path(run_dir) / "metrics.json"
+    if not data and metrics_file.is_file():
+        import json
+
+        metrics = json.loads(metrics_file.read_text())
+        if metrics.get("eval_loss") is not None and metrics.get("eval_loss_before") is not None:
+            echo(f"(training's own eval_loss in metrics.json: {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}, "
+                 f"on the same samples; the Trainer averages per-batch means, so it differs in the last digits)")
     report = {"samples": len(chosen), "data": data or "validation split", "models": table}
     from qtune.finetune import write_json_atomically
 
     write_json_atomically(Path(run_dir) / "eval_report.json", report)
     return report
+
+
+@torch.no_grad()
+def supervised_loss(model, samples: list[Sample]) -> float:
+    """Mean negative log-likelihood over the supervised tokens of every sample (no logits kept)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for sample in samples:
+        logits = model(input_ids=torch.tensor([sample.input_ids], device=device)).logits[0, :-1].float()
+        labels = torch.tensor(sample.labels[1:], device=device)
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return total / max(count, 1)
 
 
 # --------------------------------------------------------------------------- qtune quantize-report

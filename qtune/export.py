@@ -477,7 +477,8 @@ def run(run_dir: str | Path, formats: list[str], *, out_dir: str | Path | None =
     return report
 
 
-def fidelity_samples(trained: TrainedRun, eval_data: str | None, eval_format: str | None, limit: int):
+def fidelity_samples(trained: TrainedRun, eval_data: str | None, eval_format: str | None, limit: int | None,
+                     max_tokens: int | None = 256):
     """The run's validation samples (or --eval-data), tokenized exactly as in training."""
     from transformers import AutoTokenizer
 
@@ -493,7 +494,7 @@ def fidelity_samples(trained: TrainedRun, eval_data: str | None, eval_format: st
                               val_size=0, chat_template=section.chat_template, train_on_inputs=section.train_on_inputs)
     prepared = data_stage.build(section, tokenizer, seed=trained.recipe.train.seed)
     dataset = prepared.val if prepared.val is not None and not eval_data else prepared.train
-    return samples_from(dataset, limit)
+    return samples_from(dataset, limit, max_tokens)
 
 
 def load_artifact(fmt: str, path: Path, on_gpu: bool):

@@ -403,10 +403,12 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
 
         hub.require_token()  # before hours of training, not after
     use_cpu = not torch.cuda.is_available()
+    cpu_threads = None
     if use_cpu:
-        from qtune.cpu_threads import size_thread_pool
+        from qtune.cpu_threads import FreeCoreThreads
 
-        size_thread_pool(echo)
+        cpu_threads = FreeCoreThreads(echo)
+        cpu_threads.start()
     compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
     if not use_cpu:
         warn_if_plan_predicts_oom(recipe, echo)
@@ -446,6 +448,8 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     with env_defaults(WANDB_DIR=str(run_dir)):
         trainer = build_trainer(peft_model, tokenizer, config, prepared, recipe.log, run_dir, recipe.hub,
                                 recipe.data.max_length)
+    if cpu_threads is not None:
+        trainer.add_callback(follow_free_cores_callback()(cpu_threads))
     trainer.qtune_rss_before_model = rss_before_model  # for metrics.json: the process before the model came in
     trainer.qtune_keep_checkpoints = recipe.train.keep_checkpoints
     return trainer, prepared, checkpoint, use_cpu
@@ -501,6 +505,23 @@ def lora_fingerprint(model) -> str:
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def follow_free_cores_callback():
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class FollowFreeCores(TrainerCallback):
+        """Re-sizes the CPU thread pool when a neighbour process starts or stops (qtune/cpu_threads.py says why)."""
+
+        def __init__(self, threads):
+            self.threads = threads
+            threads.echo = tqdm.write  # a line above the progress bar, not through it
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.threads.recheck()
+
+    return FollowFreeCores
 
 
 def checkpoint_pusher_class():

@@ -91,31 +91,28 @@ def test_threads_follow_the_free_cores(cores, busy, threads):
     assert choose_threads(cores, busy) == threads
 
 
-def test_a_busy_machine_is_said_and_the_thread_pool_sized(monkeypatch):
+def test_a_busy_machine_is_said_and_the_thread_pool_follows_it(monkeypatch):
+    """Before training and while it runs: neighbours take cores, qtune trains on the rest; they leave, it takes all."""
     import torch
 
     from qtune import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(cpu_threads.SETTING, raising=False)
-    monkeypatch.setattr(cpu_threads, "busy_cores_elsewhere", lambda: float(len(os.sched_getaffinity(0))))
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 4)
+    load = iter([0.0, 3.0, 0.0])  # the priming call, three cores busy elsewhere, then none
+    monkeypatch.setattr(cpu_threads.FreeCoreThreads, "busy_elsewhere", lambda self: next(load, 0.0))
     before = torch.get_num_threads()
     said = []
     try:
-        assert cpu_threads.size_thread_pool(said.append) == 1 and torch.get_num_threads() == 1
-        if len(os.sched_getaffinity(0)) > 1:
-            assert said and said[0].startswith("cpu: other processes keep")
+        threads = cpu_threads.FreeCoreThreads(said.append, recheck_seconds=0.0)
+        assert threads.start(sample_seconds=0) == 1 and torch.get_num_threads() == 1
+        assert said[-1].startswith("cpu: other processes keep 3.0 of 4 cores busy; training on 1 thread")
+        threads.recheck()
+        assert torch.get_num_threads() == 4 and said[-1].startswith("cpu: the other processes are gone")
         monkeypatch.setenv(cpu_threads.SETTING, "all")
-        assert cpu_threads.size_thread_pool(said.append) is None
+        assert cpu_threads.FreeCoreThreads(said.append).start(sample_seconds=0) is None
+        monkeypatch.setenv(cpu_threads.SETTING, "3")
+        assert cpu_threads.FreeCoreThreads(said.append).start(sample_seconds=0) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-
-
-def test_the_cli_sets_a_passive_openmp_wait_before_torch_loads():
-    probe = "import os; from qtune.cli import main; main(['validate', 'nope.yaml']); print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "QTUNE_CPU_THREADS")}
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
-    assert done.stdout.strip() == "PASSIVE"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          env={**env, "QTUNE_CPU_THREADS": "all"})
-    assert done.stdout.strip() == "None"

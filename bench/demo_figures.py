@@ -27,8 +27,13 @@ EXPORT_FORMATS = ("merged_fp16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
 
 def qtune(*args, cwd: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "qtune", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    done = subprocess.run(
+        [sys.executable, "-m", "qtune", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     if done.returncode != 0:
         raise SystemExit(f"qtune {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - started, done.stdout + done.stderr
@@ -42,12 +47,17 @@ def exact_match(run: Path, rows: list[dict], cwd: Path) -> dict:
     by_task: dict[str, list[int]] = {}
     examples = []
     for row in rows:
-        prompt = build_prompt(tokenizer, style, [{"role": "user", "content": row["instruction"]}], alpaca_input=row["input"])
+        prompt = build_prompt(
+            tokenizer, style, [{"role": "user", "content": row["instruction"]}], alpaca_input=row["input"]
+        )
         answer = generate(model, tokenizer, prompt, max_new_tokens=16).text
         by_task.setdefault(row["instruction"], []).append(answer == row["output"])
         examples.append({**row, "answer": answer})
-    return {"per_task": {task: sum(hits) / len(hits) for task, hits in by_task.items()},
-            "counts": {task: len(hits) for task, hits in by_task.items()}, "examples": examples[:12]}
+    return {
+        "per_task": {task: sum(hits) / len(hits) for task, hits in by_task.items()},
+        "counts": {task: len(hits) for task, hits in by_task.items()},
+        "examples": examples[:12],
+    }
 
 
 def main() -> None:
@@ -57,14 +67,26 @@ def main() -> None:
     work = (args.work or Path(tempfile.mkdtemp(prefix="qtune-demo-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     figures = {}
-    figures["make_tiny_model_s"], _ = qtune("make-tiny-model", work / "runs/tiny-llama", "--demo-data",
-                                            work / "runs/demo-data.jsonl", cwd=work)
+    figures["make_tiny_model_s"], _ = qtune(
+        "make-tiny-model", work / "runs/tiny-llama", "--demo-data", work / "runs/demo-data.jsonl", cwd=work
+    )
     (work / "recipes").mkdir(exist_ok=True)
     (work / "recipes/demo.yaml").write_text((REPO / "recipes/demo.yaml").read_text())  # its paths are relative
     figures["train_s"], train_log = qtune("train", "recipes/demo.yaml", cwd=work)
     metrics = json.loads((work / "runs/demo/metrics.json").read_text())
-    figures["train"] = {k: metrics[k] for k in ("eval_loss_before", "eval_loss", "eval_perplexity", "train_loss",
-                                                "global_step", "train_seconds", "tokens_per_second", "peak_memory_bytes")}
+    figures["train"] = {
+        k: metrics[k]
+        for k in (
+            "eval_loss_before",
+            "eval_loss",
+            "eval_perplexity",
+            "train_loss",
+            "global_step",
+            "train_seconds",
+            "tokens_per_second",
+            "peak_memory_bytes",
+        )
+    }
     figures["eval_s"], eval_log = qtune("eval", "runs/demo", cwd=work)
     figures["eval"] = json.loads((work / "runs/demo/eval_report.json").read_text())
     export_args = [x for f in EXPORT_FORMATS for x in ("--format", f)]
@@ -75,26 +97,38 @@ def main() -> None:
     from qtune.tiny_models import demo_rows
 
     rows = demo_rows(200, seed=1)  # freshly drawn rows (the demo data is seed 0); the task space is small, so
-    os.chdir(work)                 # a word or a sum may also occur in training
+    os.chdir(work)  # a word or a sum may also occur in training
     figures["exact_match"] = exact_match(Path(recipe["train"]["output_dir"]), rows, work)
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results/demo_figures.json").write_text(json.dumps(figures, indent=2))
 
     t = figures["train"]
-    print(f"| `qtune make-tiny-model` (tokenizer + model + 200 pretraining steps) | {figures['make_tiny_model_s']:.0f} s |")
-    print(f"| `qtune train recipes/demo.yaml` (150 QLoRA steps, process start to end) | {figures['train_s']:.0f} s; "
-          f"training {t['train_seconds']:.0f} s, {t['tokens_per_second']:,.0f} tokens/s, peak RSS "
-          f"{t['peak_memory_bytes'] / 2**20:,.0f} MiB |")
-    print(f"| eval loss before -> after (metrics.json) | {t['eval_loss_before']:.2f} -> {t['eval_loss']:.2f} "
-          f"(perplexity {2.718281828 ** t['eval_loss_before']:.0f} -> {t['eval_perplexity']:.2f}) |")
+    print(
+        f"| `qtune make-tiny-model` (tokenizer + model + 200 pretraining steps) | {figures['make_tiny_model_s']:.0f} s |"
+    )
+    print(
+        f"| `qtune train recipes/demo.yaml` (150 QLoRA steps, process start to end) | {figures['train_s']:.0f} s; "
+        f"training {t['train_seconds']:.0f} s, {t['tokens_per_second']:,.0f} tokens/s, peak RSS "
+        f"{t['peak_memory_bytes'] / 2**20:,.0f} MiB |"
+    )
+    print(
+        f"| eval loss before -> after (metrics.json) | {t['eval_loss_before']:.2f} -> {t['eval_loss']:.2f} "
+        f"(perplexity {2.718281828 ** t['eval_loss_before']:.0f} -> {t['eval_perplexity']:.2f}) |"
+    )
     models = figures["eval"]["models"]
-    print(f"| `qtune eval runs/demo` ({figures['eval']['samples']} validation samples) | base {models['base (4-bit)']['loss']:.2f}"
-          f" -> adapter {models['adapter']['loss']:.2f} |")
+    print(
+        f"| `qtune eval runs/demo` ({figures['eval']['samples']} validation samples) | base {models['base (4-bit)']['loss']:.2f}"
+        f" -> adapter {models['adapter']['loss']:.2f} |"
+    )
     print(f"| `qtune export` ({', '.join(EXPORT_FORMATS)}) | {figures['export_s']:.0f} s |")
     for task, share in figures["exact_match"]["per_task"].items():
-        print(f"| exact answers to fresh rows, '{task}' ({figures['exact_match']['counts'][task]} rows) | {100 * share:.0f}% |")
-    print(f"(first command on this machine, install excluded: {figures['make_tiny_model_s'] + figures['train_s']:.0f} s;"
-          f" work folder {work})")
+        print(
+            f"| exact answers to fresh rows, '{task}' ({figures['exact_match']['counts'][task]} rows) | {100 * share:.0f}% |"
+        )
+    print(
+        f"(first command on this machine, install excluded: {figures['make_tiny_model_s'] + figures['train_s']:.0f} s;"
+        f" work folder {work})"
+    )
 
 
 if __name__ == "__main__":

@@ -49,15 +49,27 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     model = AutoModelForCausalLM.from_pretrained(
         settings["model"],
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype),
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        ),
         dtype=compute_dtype,
         device_map={"": 0} if on_gpu else None,
     )
     model = prepare_model_for_kbit_training(model)
     lora = settings["lora"]
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     config = SFTConfig(
         output_dir=settings["output_dir"],
@@ -81,21 +93,30 @@ def main():
         disable_tqdm=True,
     )
     timer = StepTimer()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=load_from_disk(settings["train_tokenized"]),
-                         eval_dataset=load_from_disk(settings["val_tokenized"]), processing_class=tokenizer,
-                         callbacks=[timer])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=load_from_disk(settings["train_tokenized"]),
+        eval_dataset=load_from_disk(settings["val_tokenized"]),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     evaluation = trainer.evaluate()
-    print(json.dumps({
-        "step_seconds": timer.seconds,
-        "non_padding_tokens": int(trainer.state.num_input_tokens_seen),
-        "eval_loss": evaluation["eval_loss"],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-        "gradient_checkpointing": bool(config.gradient_checkpointing),
-    }))
+    print(
+        json.dumps(
+            {
+                "step_seconds": timer.seconds,
+                "non_padding_tokens": int(trainer.state.num_input_tokens_seen),
+                "eval_loss": evaluation["eval_loss"],
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_cuda_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+                "gradient_checkpointing": bool(config.gradient_checkpointing),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

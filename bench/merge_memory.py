@@ -23,7 +23,8 @@ from pathlib import Path
 
 MERGE_SCRIPT = """
 import json, resource, sys, time
-from qtune.export import open_run, write_merged
+from qtune.export.merge import write_merged
+from qtune.run_dir import open_run
 started = time.perf_counter()
 run = open_run(sys.argv[1])
 write_merged(run, __import__("pathlib").Path(sys.argv[2]), dtype_name="float16", merge_base="dequantized", echo=lambda *_: None)
@@ -55,9 +56,18 @@ def save_random_llama(folder: Path, shape: dict, *, unit_norms: bool = False) ->
 
 
 def build_base(folder: Path, layers: int) -> int:
-    return save_random_llama(folder, dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
-                                          max_position_embeddings=2048))
+    return save_random_llama(
+        folder,
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=layers,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
+    )
 
 
 def build_run(run_dir: Path, base: Path, layers: int, rank: int = 16) -> None:
@@ -65,8 +75,15 @@ def build_run(run_dir: Path, base: Path, layers: int, rank: int = 16) -> None:
     import yaml
     from safetensors.torch import save_file
 
-    shapes = {"q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048), "o_proj": (2048, 2048),
-              "gate_proj": (5632, 2048), "up_proj": (5632, 2048), "down_proj": (2048, 5632)}
+    shapes = {
+        "q_proj": (2048, 2048),
+        "k_proj": (256, 2048),
+        "v_proj": (256, 2048),
+        "o_proj": (2048, 2048),
+        "gate_proj": (5632, 2048),
+        "up_proj": (5632, 2048),
+        "down_proj": (2048, 5632),
+    }
     tensors = {}
     generator = torch.Generator().manual_seed(1)
     for layer in range(layers):
@@ -78,13 +95,25 @@ def build_run(run_dir: Path, base: Path, layers: int, rank: int = 16) -> None:
     adapter = run_dir / "adapter"
     adapter.mkdir(parents=True)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "use_rslora": False, "target_modules": list(shapes)}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "use_rslora": False,
+                "target_modules": list(shapes),
+            }
+        )
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (base / name).exists():
             shutil.copy(base / name, adapter / name)
-    recipe = {"model": {"name": str(base)}, "data": {"datasets": [{"path": "unused.jsonl", "format": "alpaca"}]},
-              "train": {"output_dir": str(run_dir)}}
+    recipe = {
+        "model": {"name": str(base)},
+        "data": {"datasets": [{"path": "unused.jsonl", "format": "alpaca"}]},
+        "train": {"output_dir": str(run_dir)},
+    }
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
 
 
@@ -100,10 +129,13 @@ def main() -> None:
         started = time.perf_counter()
         params = build_base(base, args.layers)
         build_run(run_dir, base, args.layers)
-        print(f"built a {params / 1e9:.2f}B-parameter base and a rank-16 adapter in {time.perf_counter() - started:.0f} s")
+        print(
+            f"built a {params / 1e9:.2f}B-parameter base and a rank-16 adapter in {time.perf_counter() - started:.0f} s"
+        )
         env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
-        result = subprocess.run([sys.executable, "-c", MERGE_SCRIPT, str(run_dir), str(out)], capture_output=True,
-                                text=True, env=env)
+        result = subprocess.run(
+            [sys.executable, "-c", MERGE_SCRIPT, str(run_dir), str(out)], capture_output=True, text=True, env=env
+        )
         if result.returncode != 0:
             sys.exit(result.stderr[-3000:])
         measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -116,8 +148,10 @@ def main() -> None:
             "merge_seconds": measured["seconds"],
             "machine": f"{os.cpu_count()} CPU cores, no GPU",
         }
-        print(f"merge: {measured['seconds']:.1f} s, peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB, "
-              f"fp16 output {output_bytes / 2**30:.2f} GiB -> ratio {figures['peak_rss_over_output']:.2f} (goal <= 1.5)")
+        print(
+            f"merge: {measured['seconds']:.1f} s, peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB, "
+            f"fp16 output {output_bytes / 2**30:.2f} GiB -> ratio {figures['peak_rss_over_output']:.2f} (goal <= 1.5)"
+        )
         results = Path(__file__).parent / "results"
         results.mkdir(exist_ok=True)
         (results / "merge_memory.json").write_text(json.dumps(figures, indent=2))

@@ -27,10 +27,22 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=4)
-GPU_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32)  # Llama-2-7B
+SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+)
+GPU_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)  # Llama-2-7B
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
 
@@ -56,8 +68,13 @@ def alpaca_like_rows(count: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(count):
         answer = min(int(rng.lognormvariate(3.6, 1.0)), 1500)
-        rows.append({"instruction": words(rng.randrange(4, 20)), "input": words(rng.randrange(0, 30)) if rng.random() < 0.4 else "",
-                     "output": words(answer)})
+        rows.append(
+            {
+                "instruction": words(rng.randrange(4, 20)),
+                "input": words(rng.randrange(0, 30)) if rng.random() < 0.4 else "",
+                "output": words(answer),
+            }
+        )
     return rows
 
 
@@ -85,12 +102,19 @@ def write_inputs(work: Path, max_length: int, shape: dict) -> dict:
         from datasets import Dataset
 
         masks = [[int(label != -100) for label in labels] for labels in split["labels"]]
-        Dataset.from_dict({"input_ids": split["input_ids"], "completion_mask": masks}).save_to_disk(str(work / f"{name}-tokenized"))
+        Dataset.from_dict({"input_ids": split["input_ids"], "completion_mask": masks}).save_to_disk(
+            str(work / f"{name}-tokenized")
+        )
         lengths = [len(ids) for ids in split["input_ids"]]
         supervised = sum(sum(m[1:]) for m in masks)
-        stats[name] = {"samples": len(lengths), "tokens": sum(lengths), "supervised_tokens": supervised,
-                       "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths),
-                       "mean_context": sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)}
+        stats[name] = {
+            "samples": len(lengths),
+            "tokens": sum(lengths),
+            "supervised_tokens": supervised,
+            "mean_length": sum(lengths) / len(lengths),
+            "max_length": max(lengths),
+            "mean_context": sum(n * (n + 1) / 2 for n in lengths) / sum(lengths),
+        }
     return stats
 
 
@@ -98,12 +122,22 @@ def qtune_recipe(work: Path, max_length: int, micro_batch: int, grad_accum: int,
     return {
         "model": {"name": str(work / "base")},
         "lora": dict(LORA),
-        "data": {"datasets": [{"path": str(work / "train.jsonl"), "format": "alpaca"}],
-                 "val_datasets": [{"path": str(work / "val.jsonl"), "format": "alpaca"}],
-                 "val_size": 0, "max_length": max_length},
-        "train": {"output_dir": str(output_dir), "max_steps": steps, "micro_batch_size": micro_batch,
-                  "grad_accum": grad_accum, "lr": 1e-3, "warmup_ratio": 0.1, "save_steps": 10_000,
-                  "logging_steps": 1},
+        "data": {
+            "datasets": [{"path": str(work / "train.jsonl"), "format": "alpaca"}],
+            "val_datasets": [{"path": str(work / "val.jsonl"), "format": "alpaca"}],
+            "val_size": 0,
+            "max_length": max_length,
+        },
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": steps,
+            "micro_batch_size": micro_batch,
+            "grad_accum": grad_accum,
+            "lr": 1e-3,
+            "warmup_ratio": 0.1,
+            "save_steps": 10_000,
+            "logging_steps": 1,
+        },
     }
 
 
@@ -118,25 +152,31 @@ def run_qtune_side(settings: dict) -> None:
     sys.path.insert(0, str(BENCH))
     from hf_baseline import StepTimer
 
-    from qtune.finetune import fit, prepare, prepare_run_dir
     from qtune.recipe import validate_recipe
+    from qtune.run_dir import claimed_run
+    from qtune.training.run import fit, prepare
 
     recipe = validate_recipe(settings["recipe"])
-    run_dir, _ = prepare_run_dir(recipe.train, resume=False, overwrite=True)
-    trainer, prepared, checkpoint, use_cpu = prepare(recipe, run_dir, resume=False, echo=lambda *_: None)
-    timer = StepTimer()
-    trainer.add_callback(timer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    metrics = fit(recipe, run_dir, trainer, prepared, checkpoint, use_cpu, resume=False, echo=lambda *_: None)
-    print(json.dumps({
-        "step_seconds": timer.seconds,
-        "non_padding_tokens": int(trainer.state.num_input_tokens_seen),
-        "eval_loss": metrics["eval_loss"],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-    }))
+    with claimed_run(recipe.train.output_dir, resume=False, overwrite=True) as claim:
+        prepared = prepare(recipe, claim.folder, resume=False, echo=lambda *_: None)
+        trainer = prepared.trainer
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        metrics = fit(recipe, claim.folder, prepared, echo=lambda *_: None)
+    print(
+        json.dumps(
+            {
+                "step_seconds": timer.seconds,
+                "non_padding_tokens": int(trainer.state.num_input_tokens_seen),
+                "eval_loss": metrics["eval_loss"],
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- measuring
@@ -163,7 +203,12 @@ def matmul_rate(seconds: float = 3.0) -> float:
 def flops_per_token(shape: dict, mean_context: float, recompute: bool) -> float:
     """4N per token for the frozen base (forward + input-gradient backward), +2N when activations are recomputed,
     plus attention (scores and weighted sum: 4 * layers * hidden * context forward, x3 with the backward)."""
-    h, i, layers, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    h, i, layers, vocab = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_hidden_layers"],
+        shape["vocab_size"],
+    )
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + vocab * h
     attention = 4 * layers * h * mean_context
@@ -202,8 +247,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="qtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     stats = write_inputs(work, args.max_length, shape)
-    print(f"data: {stats['train']['samples']} training samples, mean {stats['train']['mean_length']:.0f} tokens, "
-          f"longest {stats['train']['max_length']}; {stats['val']['samples']} validation samples", flush=True)
+    print(
+        f"data: {stats['train']['samples']} training samples, mean {stats['train']['mean_length']:.0f} tokens, "
+        f"longest {stats['train']['max_length']}; {stats['val']['samples']} validation samples",
+        flush=True,
+    )
     rate = matmul_rate()
     print(f"matmul rate: {rate / 1e9:.0f} GFLOP/s", flush=True)
 
@@ -212,10 +260,20 @@ def main() -> None:
         if side == "A":
             payload = {"recipe": qtune_recipe(work, args.max_length, args.micro_batch, args.grad_accum, steps, out)}
         else:
-            payload = {"model": str(work / "base"), "lora": LORA, "output_dir": str(out), "micro_batch_size": args.micro_batch,
-                       "grad_accum": args.grad_accum, "steps": steps, "lr": 1e-3, "warmup_ratio": 0.1,
-                       "max_length": args.max_length, "seed": 42, "train_tokenized": str(work / "train-tokenized"),
-                       "val_tokenized": str(work / "val-tokenized")}
+            payload = {
+                "model": str(work / "base"),
+                "lora": LORA,
+                "output_dir": str(out),
+                "micro_batch_size": args.micro_batch,
+                "grad_accum": args.grad_accum,
+                "steps": steps,
+                "lr": 1e-3,
+                "warmup_ratio": 0.1,
+                "max_length": args.max_length,
+                "seed": 42,
+                "train_tokenized": str(work / "train-tokenized"),
+                "val_tokenized": str(work / "val-tokenized"),
+            }
         path = work / f"settings-{side}.json"
         path.write_text(json.dumps(payload))
         return path
@@ -226,9 +284,12 @@ def main() -> None:
         warm_up = n < 2
         result = run_side(side, settings_for(side, 2 if warm_up else args.steps))
         label = "qtune   " if side == "A" else "baseline"
-        print(f"{'warm-up ' if warm_up else ''}{label} {result['non_padding_tokens_per_second']:7.0f} non-padding tok/s, "
-              f"peak {result['peak_bytes'] / 2**20:6.0f} MiB, eval loss {result['eval_loss']:.4f}, "
-              f"checkpointing {result['gradient_checkpointing']}", flush=True)
+        print(
+            f"{'warm-up ' if warm_up else ''}{label} {result['non_padding_tokens_per_second']:7.0f} non-padding tok/s, "
+            f"peak {result['peak_bytes'] / 2**20:6.0f} MiB, eval loss {result['eval_loss']:.4f}, "
+            f"checkpointing {result['gradient_checkpointing']}",
+            flush=True,
+        )
         if not warm_up:
             runs[side].append(result)
 
@@ -246,25 +307,45 @@ def main() -> None:
             "fraction_of_matmul_rate": flops * tokens_per_second / rate,
             "gradient_checkpointing": results[0]["gradient_checkpointing"],
         }
-    ratios = {"speed_A_over_B": summary["A"]["non_padding_tokens_per_second"] / summary["B"]["non_padding_tokens_per_second"],
-              "memory_A_over_B": summary["A"]["peak_bytes"] / summary["B"]["peak_bytes"],
-              "eval_loss_A_over_B": summary["A"]["eval_loss"] / summary["B"]["eval_loss"]}
-    print(f"\n{'':<10} {'tok/s':>8} {'sup tok/s':>10} {'peak MiB':>9} {'eval loss':>10} {'GFLOP/tok':>10} {'of matmul':>10}")
+    ratios = {
+        "speed_A_over_B": summary["A"]["non_padding_tokens_per_second"] / summary["B"]["non_padding_tokens_per_second"],
+        "memory_A_over_B": summary["A"]["peak_bytes"] / summary["B"]["peak_bytes"],
+        "eval_loss_A_over_B": summary["A"]["eval_loss"] / summary["B"]["eval_loss"],
+    }
+    print(
+        f"\n{'':<10} {'tok/s':>8} {'sup tok/s':>10} {'peak MiB':>9} {'eval loss':>10} {'GFLOP/tok':>10} {'of matmul':>10}"
+    )
     for side, label in (("A", "qtune"), ("B", "baseline")):
         s = summary[side]
-        print(f"{label:<10} {s['non_padding_tokens_per_second']:8.0f} {s['supervised_tokens_per_second']:10.0f} "
-              f"{s['peak_bytes'] / 2**20:9.0f} {s['eval_loss']:10.4f} {s['flops_per_non_padding_token'] / 1e9:10.2f} "
-              f"{s['fraction_of_matmul_rate']:10.1%}")
-    print(f"qtune / baseline: speed {ratios['speed_A_over_B']:.2f}x, peak memory {ratios['memory_A_over_B']:.2f}x, "
-          f"eval loss {ratios['eval_loss_A_over_B']:.4f}x")
+        print(
+            f"{label:<10} {s['non_padding_tokens_per_second']:8.0f} {s['supervised_tokens_per_second']:10.0f} "
+            f"{s['peak_bytes'] / 2**20:9.0f} {s['eval_loss']:10.4f} {s['flops_per_non_padding_token'] / 1e9:10.2f} "
+            f"{s['fraction_of_matmul_rate']:10.1%}"
+        )
+    print(
+        f"qtune / baseline: speed {ratios['speed_A_over_B']:.2f}x, peak memory {ratios['memory_A_over_B']:.2f}x, "
+        f"eval loss {ratios['eval_loss_A_over_B']:.4f}x"
+    )
     results_dir = BENCH / "results"
     results_dir.mkdir(exist_ok=True)
     import torch
 
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    (results_dir / ("throughput-gpu.json" if torch.cuda.is_available() else "throughput.json")).write_text(json.dumps(
-        {"machine": machine, "matmul_flops_per_second": rate, "shape": shape, "data": stats, "args": {k: str(v) for k, v in vars(args).items()},
-         "summary": summary, "ratios": ratios, "runs": runs}, indent=2))
+    (results_dir / ("throughput-gpu.json" if torch.cuda.is_available() else "throughput.json")).write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "matmul_flops_per_second": rate,
+                "shape": shape,
+                "data": stats,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "summary": summary,
+                "ratios": ratios,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

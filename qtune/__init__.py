@@ -14,8 +14,8 @@ def train(recipe, *, overrides=(), resume: bool = False, overwrite: bool = False
     >>> import qtune
     >>> metrics = qtune.train("recipes/demo.yaml", overrides=["train.max_steps=20"])
     """
-    from qtune.finetune import run
-    from qtune.recipe import Recipe, load_recipe, validate_recipe, apply_override
+    from qtune.pipeline import run
+    from qtune.recipe import Recipe, apply_override, load_recipe, validate_recipe
 
     if isinstance(recipe, Recipe):
         if overrides:

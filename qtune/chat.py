@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtune.errors import EnvironmentProblem
+from qtune.run_dir import open_run
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -37,8 +38,7 @@ def load_for_generation(run_dir: str | Path, artifact: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.export import load_adapter_model, open_run
-    from qtune.model import keep_cpu_4bit_layout_trainable, resolve_compute_dtype
+    from qtune.model import keep_cpu_4bit_layout_trainable, load_adapter_model, resolve_compute_dtype
 
     trained = open_run(run_dir)
     style = prompt_style(trained.recipe)
@@ -88,16 +88,31 @@ def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 1
     inputs = torch.tensor([prompt_ids], device=device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        output = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                eos_token_id=stops, pad_token_id=tokenizer.pad_token_id or stops[0], **sampling)
-    new = output[0, len(prompt_ids):].tolist()
+        output = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id or stops[0],
+            **sampling,
+        )
+    new = output[0, len(prompt_ids) :].tolist()
     finished = bool(new) and new[-1] in stops
     text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=True)
     return Reply(text=text.strip(), finish_reason="stop" if finished else "length", new_tokens=len(new))
 
 
-def chat_loop(model, tokenizer, style: str, *, stdin=None, stdout=None, max_new_tokens: int = 128,
-              temperature: float = 0.0, system: str | None = None) -> None:
+def chat_loop(
+    model,
+    tokenizer,
+    style: str,
+    *,
+    stdin=None,
+    stdout=None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    system: str | None = None,
+) -> None:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     history: list[dict] = [{"role": "system", "content": system}] if system else []

@@ -10,7 +10,6 @@ Rotation is qtune's too, and runs only after the new checkpoint's manifest is in
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,11 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
-from qtune.errors import EXIT_INTEGRITY, EnvironmentProblem, QtuneError
+from qtune.errors import EXIT_INTEGRITY, QtuneError
+from qtune.fsutil import write_text_atomically
+from qtune.testhooks import fault_point
 
 MANIFEST = "qtune-manifest.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def sha256_file(path: Path) -> str:
@@ -32,25 +32,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, also after a power cut."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def library_versions() -> dict:
@@ -66,7 +47,9 @@ def library_versions() -> dict:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".qtune"))
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".qtune")
+    )
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -74,10 +57,22 @@ def write_manifest(folder: Path, step: int) -> None:
     for path in checkpoint_files(folder):  # the data first, then the manifest that vouches for it
         with path.open("rb") as f:
             os.fsync(f.fileno())
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in checkpoint_files(folder)}
-    write_atomically(folder / MANIFEST, json.dumps(
-        {"step": step, "files": files, "versions": library_versions(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        indent=2))
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in checkpoint_files(folder)
+    }
+    write_text_atomically(
+        folder / MANIFEST,
+        json.dumps(
+            {
+                "step": step,
+                "files": files,
+                "versions": library_versions(),
+                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        ),
+    )
 
 
 def damage(folder: Path) -> str | None:
@@ -116,7 +111,7 @@ def newest_valid(checkpoints_dir: Path, echo=print) -> Path | None:
     damaged ones are skipped with a warning and kept for a look. Raises when checkpoints exist but none is valid."""
     candidates = numbered(checkpoints_dir)
     damaged = []
-    for step, folder in reversed(candidates):
+    for _, folder in reversed(candidates):
         reason = damage(folder)
         if reason is None:
             for skipped, why in damaged:
@@ -129,8 +124,12 @@ def newest_valid(checkpoints_dir: Path, echo=print) -> Path | None:
             damaged.append((folder, reason))
     if damaged:
         listing = "; ".join(f"{f.name}: {why}" for f, why in damaged)
-        raise QtuneError(f"no valid checkpoint to resume from ({listing})", where=str(checkpoints_dir),
-                         fix="restore the files from a copy, or start over with --overwrite", code=EXIT_INTEGRITY)
+        raise QtuneError(
+            f"no valid checkpoint to resume from ({listing})",
+            where=str(checkpoints_dir),
+            fix="restore the files from a copy, or start over with --overwrite",
+            code=EXIT_INTEGRITY,
+        )
     return None
 
 
@@ -139,28 +138,3 @@ def rotate(checkpoints_dir: Path, keep: int) -> None:
     complete = [folder for _, folder in numbered(checkpoints_dir) if (folder / MANIFEST).is_file()]
     for folder in complete[: max(0, len(complete) - keep)]:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-DISK_FULL_MESSAGES = ("No space left on device", "File too large", "Disk quota exceeded")
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """An OSError with ENOSPC / EDQUOT / EFBIG, or the same from safetensors' Rust writer, which raises its own
-    exception type with the OS message inside."""
-    if isinstance(error, OSError) and error.errno in DISK_FULL:
-        return True
-    return any(message in str(error) for message in DISK_FULL_MESSAGES)
-
-
-def disk_full(what: str, folder: Path, fix: str = "free disk space (earlier checkpoints are intact) and resume with --resume"):
-    return EnvironmentProblem(f"disk full while writing {what}", where=str(folder), fix=fix)
-
-
-def fault_point(stage: str, step: int) -> None:
-    """Fault injection for the tests: QTUNE_FAIL_CHECKPOINT_AT=<stage>[:<step>] ends the process there, as a kill
-    would, halfway through writing a checkpoint. Stages: optimizer (adapter written, nothing else), manifest
-    (every file written, no manifest yet)."""
-    wanted = os.environ.get("QTUNE_FAIL_CHECKPOINT_AT", "")
-    name, _, at_step = wanted.partition(":")
-    if name == stage and (not at_step or int(at_step) == step):
-        os._exit(86)

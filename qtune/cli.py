@@ -6,7 +6,11 @@ import argparse
 import os
 import sys
 
+from qtune import distributed
 from qtune.errors import EXIT_PIPE_CLOSED, EXIT_RECIPE, QtuneError
+from qtune.library_noise import quiet_library_noise
+from qtune.recipe import EXPORT_FORMATS, MERGE_BASES, PUSH_TARGETS
+from qtune.run_dir import check_run_folder
 
 USAGE_EXAMPLES = """examples:
   qtune validate recipes/demo.yaml
@@ -21,8 +25,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="qtune", description="QLoRA fine-tuning from a recipe.", epilog=USAGE_EXAMPLES,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="qtune",
+        description="QLoRA fine-tuning from a recipe.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
@@ -32,21 +40,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune with QLoRA")
     train.add_argument("recipe")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir")
-    train.add_argument("--force", action="store_true",
-                       help="with --resume: accept a recipe whose training settings differ from the run's recipe.yaml")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir"
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept a recipe whose training settings differ from the run's recipe.yaml",
+    )
     train.add_argument("--overwrite", action="store_true", help="delete an existing train.output_dir and start over")
 
     export = commands.add_parser("export", help="merged fp16/bf16, re-quantized NF4 and GGUF files, each measured")
     export.add_argument("run_dir")
-    export.add_argument("--format", dest="formats", action="append", default=[], metavar="FORMAT",
-                        help="adapter, merged_fp16, merged_bf16, nf4, gguf_f16, gguf_q8_0, gguf_q4_0 (repeatable)")
+    export.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        default=[],
+        metavar="FORMAT",
+        help=f"{', '.join(EXPORT_FORMATS)} (repeatable)",
+    )
     export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
-    export.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
-                        help="merge into the dequantized NF4 weights the adapter was trained on (default, exact) "
-                             "or into the original weights")
+    export.add_argument(
+        "--merge-base",
+        choices=MERGE_BASES,
+        default="dequantized",
+        help="merge into the dequantized NF4 weights the adapter was trained on (default, exact) "
+        "or into the original weights",
+    )
     export.add_argument("--eval-data", help="data file for the fidelity report (default: the run's validation set)")
     export.add_argument("--eval-format", help="format of --eval-data (default: the recipe's first dataset format)")
     export.add_argument("--eval-samples", type=int, default=32, help="samples compared per artifact (default 32)")
@@ -54,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="upload a run (adapter and/or exports) with a model card to the Hub")
     push.add_argument("run_dir")
     push.add_argument("--repo", required=True, help="user/name")
-    push.add_argument("--what", action="append", default=[], choices=["adapter", "merged", "nf4", "gguf"],
-                      help="what to upload (repeatable; default: adapter)")
+    push.add_argument(
+        "--what",
+        action="append",
+        default=[],
+        choices=PUSH_TARGETS,
+        help="what to upload (repeatable; default: adapter)",
+    )
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
 
     memory = commands.add_parser("memory", help="weight memory per precision, from config.json alone")
@@ -66,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predicted peak training memory of a recipe, and whether it fits a GPU")
     plan.add_argument("recipe")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    plan.add_argument("--gpu", help="t4, l4, a10g, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 16GB")
+    plan.add_argument(
+        "--gpu", help="t4, l4, a10g, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 16GB"
+    )
     plan.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32 compute; peak RSS, loading included)")
 
     evaluation = commands.add_parser("eval", help="loss and perplexity of the 4-bit base, the adapter and every export")
@@ -83,27 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-length", type=int, default=512)
     report.add_argument("--out", help="folder for quantize_report/ (default: current folder)")
 
-    for name, helptext in (("generate", "one completion for --prompt (for scripts)"),
-                           ("chat", "talk to the model (stdin; /reset, /exit)")):
+    for name, helptext in (
+        ("generate", "one completion for --prompt (for scripts)"),
+        ("chat", "talk to the model (stdin; /reset, /exit)"),
+    ):
         command = commands.add_parser(name, help=helptext)
         command.add_argument("run_dir")
         if name == "generate":
             command.add_argument("--prompt", required=True, help="the instruction (alpaca runs) or the user message")
-            command.add_argument("--input", dest="input_text", default="",
-                                 help="alpaca runs: the input the instruction works on (the '### Input:' section)")
+            command.add_argument(
+                "--input",
+                dest="input_text",
+                default="",
+                help="alpaca runs: the input the instruction works on (the '### Input:' section)",
+            )
         else:
             command.add_argument("--system", help="system message for chat-format runs")
-        command.add_argument("--artifact", help="an export to use instead of the adapter: a merged/nf4 folder or a .gguf")
+        command.add_argument(
+            "--artifact", help="an export to use instead of the adapter: a merged/nf4 folder or a .gguf"
+        )
         command.add_argument("--max-new-tokens", type=int, default=128)
         command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
 
-    tiny = commands.add_parser("make-tiny-model",
-                               help="build a small model + tokenizer locally and pretrain it briefly (demo, tests)")
+    tiny = commands.add_parser(
+        "make-tiny-model", help="build a small model + tokenizer locally and pretrain it briefly (demo, tests)"
+    )
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--pretrain-steps", type=int, default=200,
-                      help="full-precision language-model steps on generated text, so the base is not random (0: skip)")
+    tiny.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=200,
+        help="full-precision language-model steps on generated text, so the base is not random (0: skip)",
+    )
     tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
     return parser
 
@@ -124,8 +173,10 @@ def cmd_train(args) -> int:
     from qtune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # recipe mistakes surface before torch is imported
+    if distributed.rank() == 0:
+        check_run_folder(recipe.train.output_dir, resume=args.resume)  # and folder mistakes too
     quiet_library_noise()
-    from qtune.finetune import run
+    from qtune.pipeline import run
 
     run(recipe, resume=args.resume, overwrite=args.overwrite, force=args.force)
     return 0
@@ -133,10 +184,17 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     quiet_library_noise()
-    from qtune.export import run
+    from qtune.export.run import export
 
-    run(args.run_dir, args.formats, out_dir=args.out, merge_base=args.merge_base, eval_data=args.eval_data,
-        eval_format=args.eval_format, eval_samples=args.eval_samples)
+    export(
+        args.run_dir,
+        args.formats,
+        out_dir=args.out,
+        merge_base=args.merge_base,
+        eval_data=args.eval_data,
+        eval_format=args.eval_format,
+        eval_samples=args.eval_samples,
+    )
     return 0
 
 
@@ -150,7 +208,7 @@ def cmd_push(args) -> int:
 
 def cmd_memory(args) -> int:
     quiet_library_noise()
-    from qtune.plan import memory_report, report_json
+    from qtune.memory import memory_report, report_json
 
     report = memory_report(args.model, args.revision)
     print(report_json(report) if args.json else report["text"])
@@ -174,8 +232,11 @@ def cmd_plan(args) -> int:
         elif size:
             gpu_gib = float(size.group(1))
         else:
-            raise QtuneError(f"unknown --gpu '{args.gpu}'", fix=f"use one of {', '.join(GPUS_GIB)} or a size like 16GB",
-                             code=EXIT_RECIPE)
+            raise QtuneError(
+                f"unknown --gpu '{args.gpu}'",
+                fix=f"use one of {', '.join(GPUS_GIB)} or a size like 16GB",
+                code=EXIT_RECIPE,
+            )
     if args.cpu and args.gpu:
         raise QtuneError("--cpu and --gpu together", fix="plan for one device", code=EXIT_RECIPE)
     compute_bytes = 4 if recipe.quant.compute_dtype == "fp32" or args.cpu else 2
@@ -184,11 +245,14 @@ def cmd_plan(args) -> int:
         import psutil
 
         budget = psutil.virtual_memory().available
-    plan = plan_training(recipe, gpu_gib=gpu_gib, budget_bytes=budget, compute_bytes=compute_bytes,
-                         device="cpu" if args.cpu else "cuda")
+    plan = plan_training(
+        recipe, gpu_gib=gpu_gib, budget_bytes=budget, compute_bytes=compute_bytes, device="cpu" if args.cpu else "cuda"
+    )
     print(describe_plan(plan, args.gpu or ("free RAM" if args.cpu else None)))
-    print("note: an estimate. Checked on CPU against real runs (bench/plan_accuracy.py, README); the GPU side is "
-          "not yet checked against a GPU run.")
+    print(
+        "note: an estimate. Checked on CPU against real runs (bench/plan_accuracy.py, README); the GPU side is "
+        "not yet checked against a GPU run."
+    )
     return 0
 
 
@@ -204,8 +268,14 @@ def cmd_quantize_report(args) -> int:
     quiet_library_noise()
     from qtune.evaluate import quantize_report
 
-    quantize_report(args.model, args.data, data_format=args.data_format, samples=args.samples,
-                    max_length=args.max_length, out_dir=args.out)
+    quantize_report(
+        args.model,
+        args.data,
+        data_format=args.data_format,
+        samples=args.samples,
+        max_length=args.max_length,
+        out_dir=args.out,
+    )
     return 0
 
 
@@ -225,8 +295,9 @@ def cmd_chat(args) -> int:
     from qtune.chat import chat_loop, load_for_generation
 
     model, tokenizer, style = load_for_generation(args.run_dir, args.artifact)
-    chat_loop(model, tokenizer, style, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              system=args.system)
+    chat_loop(
+        model, tokenizer, style, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system=args.system
+    )
     return 0
 
 
@@ -238,10 +309,16 @@ def cmd_make_tiny_model(args) -> int:
 
     target = Path(args.out_dir)
     if target.is_dir() and any(target.iterdir()) and not (target / "qtune-tiny.json").is_file():
-        raise QtuneError(f"{target} is a non-empty folder that is not a qtune tiny model", fix="choose another folder",
-                         code=EXIT_RECIPE)
-    print(f"make-tiny-model: building a {args.family} tokenizer and model, then {args.pretrain_steps} pretraining steps "
-          f"(about {args.pretrain_steps // 4 + 5} s on 2 free cores)", flush=True)
+        raise QtuneError(
+            f"{target} is a non-empty folder that is not a qtune tiny model",
+            fix="choose another folder",
+            code=EXIT_RECIPE,
+        )
+    print(
+        f"make-tiny-model: building a {args.family} tokenizer and model, then {args.pretrain_steps} pretraining steps "
+        f"(about {args.pretrain_steps // 4 + 5} s on 2 free cores)",
+        flush=True,
+    )
     out = write_tiny_model(args.out_dir, args.family, seed=args.seed, pretrain_steps=args.pretrain_steps, progress=True)
     print(f"tiny {args.family} model written to {out} ({args.pretrain_steps} pretraining steps)")
     if args.demo_data:
@@ -249,34 +326,19 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
-def quiet_library_noise() -> None:
-    """Silence what users cannot act on; real warnings still show."""
-    import logging
-    import warnings
-
-    # bitsandbytes looks for an optional hub-hosted CPU kernel on every import and logs its absence.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*kernels-community.*")
-    # Deprecation notices between the libraries (peft calling transformers' old names) are not the user's.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # huggingface_hub logs each "Retrying in Ns" before it raises the error qtune turns into one line.
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    # Per-tensor "Loading weights" / "Writing model shards" bars; the training bar (plain tqdm) stays.
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    # trl's "Truncating train dataset" / "Dropping fully masked examples" passes over data qtune already tokenized,
-    # truncated and checked (its own one-line data report says what they found).
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "export": cmd_export, "push": cmd_push, "memory": cmd_memory, "plan": cmd_plan, "eval": cmd_eval,
-            "quantize-report": cmd_quantize_report, "generate": cmd_generate,
-            "chat": cmd_chat, "make-tiny-model": cmd_make_tiny_model}
+COMMANDS = {
+    "validate": cmd_validate,
+    "train": cmd_train,
+    "export": cmd_export,
+    "push": cmd_push,
+    "memory": cmd_memory,
+    "plan": cmd_plan,
+    "eval": cmd_eval,
+    "quantize-report": cmd_quantize_report,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "make-tiny-model": cmd_make_tiny_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,9 @@ def fixed_setting() -> int | str | None:
     except ValueError:
         from qtune.errors import RecipeError
 
-        raise RecipeError(f"{SETTING}={setting!r} is not a number", fix=f"set {SETTING} to a thread count or 'all'") from None
+        raise RecipeError(
+            f"{SETTING}={setting!r} is not a number", fix=f"set {SETTING} to a thread count or 'all'"
+        ) from None
 
 
 class FreeCoreThreads:
@@ -89,8 +91,10 @@ class FreeCoreThreads:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             if threads < self.cores:
-                self.echo(f"cpu: other processes keep {busy:.1f} of {self.cores} cores busy; training on {threads} "
-                          f"thread(s), slower than on an idle machine ({SETTING}=N to choose)")
+                self.echo(
+                    f"cpu: other processes keep {busy:.1f} of {self.cores} cores busy; training on {threads} "
+                    f"thread(s), slower than on an idle machine ({SETTING}=N to choose)"
+                )
             else:
                 self.echo(f"cpu: the other processes are gone; training on all {threads} cores again")
         return threads

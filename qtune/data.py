@@ -8,16 +8,14 @@ to stop, truncation counted, and rows left with nothing to learn dropped and rep
 
 from __future__ import annotations
 
-import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from qtune.errors import DataError, EnvironmentProblem, RecipeError
+from qtune.errors import DataError, RecipeError
 from qtune.recipe import DataSection, DatasetSpec
-
-LOCAL_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+from qtune.rows import read_rows
 
 # Stanford Alpaca's prompt, as axolotl and the alpaca-lora scripts use it.
 ALPACA_WITH_INPUT = (
@@ -29,7 +27,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -51,8 +48,17 @@ FORMAT_COLUMNS = {
     "sharegpt": (["conversations"], []),
     "text": (["text"], []),
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "bot": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+}
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -75,86 +81,6 @@ class PreparedData:
     train: Any  # datasets.Dataset
     val: Any | None
     report: dict
-
-
-# --------------------------------------------------------------------------- reading rows
-
-
-def read_rows(spec: DatasetSpec) -> list[dict]:
-    """Rows of one dataset source as plain dicts."""
-    path = Path(spec.path).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise DataError(f"folder has no .json/.jsonl/.csv/.parquet files: {spec.path}", fix="point at a data file")
-        return [row for f in files for row in read_local_file(f)]
-    if path.is_file():
-        return read_local_file(path)
-    if looks_local(spec.path):
-        raise DataError(f"dataset file not found: {spec.path}", fix="check the path (relative paths start at the current folder)")
-    return read_hub_dataset(spec)
-
-
-def looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_SUFFIXES or path.count("/") > 1
-
-
-def read_local_file(path: Path) -> list[dict]:
-    kind = LOCAL_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise DataError(f"unsupported data file type '{path.suffix}': {path}", fix="use .json, .jsonl, .csv or .parquet")
-    if kind in ("csv", "parquet"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path, keep_default_na=False) if kind == "csv" else pd.read_parquet(path)
-        except UnicodeDecodeError as e:
-            raise DataError(f"file is not UTF-8 text (byte {e.start})", where=str(path), fix="re-save it as UTF-8") from None
-        except Exception as e:  # pandas raises many types for a broken file
-            raise DataError(f"cannot read {kind} file: {str(e).splitlines()[0]}", where=str(path)) from None
-        return frame.to_dict(orient="records")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"file is not UTF-8 text (line {line}, byte {e.start})", where=str(path), fix="re-save it as UTF-8") from None
-    if kind == "json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", where=str(path), fix="fix that line") from None
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-        if bad is not None:
-            raise DataError(f"item {bad} of the JSON list is not an object", where=str(path))
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON on line {number}: {e.msg}", where=str(path), fix="fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"line {number} is not a JSON object", where=str(path), fix="one object per line")
-        rows.append(row)
-    return rows
-
-
-def read_hub_dataset(spec: DatasetSpec) -> list[dict]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(spec.path, spec.name, split=spec.split)
-    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise EnvironmentProblem(
-            f"cannot load Hub dataset '{spec.path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-            fix="check the id and your network (HF_DATASETS_OFFLINE=1 blocks downloads), or use a local file",
-        ) from None
-    except ValueError as e:  # unknown split / config
-        raise DataError(f"Hub dataset '{spec.path}': {str(e).splitlines()[0]}", fix="check data split / name") from None
-    return dataset.to_list()
 
 
 # --------------------------------------------------------------------------- rows -> samples
@@ -180,11 +106,13 @@ def normalize_rows(rows: list[dict], spec: DatasetSpec) -> list[dict]:
             raise DataError(
                 f"column '{source[name]}' missing for format {spec.format}; the data has {sorted(present)}",
                 where=where,
-                fix=f"map yours with columns: {{{name}: <your column>}}" if source[name] == name else "check data.datasets columns",
+                fix=f"map yours with columns: {{{name}: <your column>}}"
+                if source[name] == name
+                else "check data.datasets columns",
             )
     samples = []
     for index, row in enumerate(rows):
-        get = lambda name: row.get(source[name])  # noqa: E731
+        get = lambda name, row=row: row.get(source[name])  # noqa: E731
         at = f"{where}, row {index + 1}"
         if spec.format == "alpaca":
             instruction, output, extra = get("instruction"), get("output"), get("input") or ""
@@ -223,7 +151,9 @@ def check_messages(turns, at: str, role_key: str, content_key: str, role_map: di
         role = turn[role_key]
         role = role_map.get(role, role) if role_map else role
         if role not in CHAT_ROLES:
-            raise DataError(f"turn {number} has unknown role {turn[role_key]!r}", where=at, fix=f"use one of {sorted(CHAT_ROLES)}")
+            raise DataError(
+                f"turn {number} has unknown role {turn[role_key]!r}", where=at, fix=f"use one of {sorted(CHAT_ROLES)}"
+            )
         check_text(turn[content_key], f"turn {number} {content_key}", at)
         messages.append({"role": role, "content": turn[content_key]})
     return messages
@@ -238,7 +168,9 @@ def resolve_chat_template(data: DataSection, tokenizer) -> str | None:
     return data.chat_template or getattr(tokenizer, "chat_template", None)
 
 
-def tokenize_sample(sample: dict, tokenizer, *, train_on_inputs: bool, render: Callable | None) -> tuple[list[int], list[int]]:
+def tokenize_sample(
+    sample: dict, tokenizer, *, train_on_inputs: bool, render: Callable | None
+) -> tuple[list[int], list[int]]:
     """One sample -> (input_ids, labels) before truncation."""
     eos = tokenizer.eos_token_id
     if "text" in sample:

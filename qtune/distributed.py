@@ -29,17 +29,17 @@ def is_distributed() -> bool:
 def barrier() -> None:
     """Wait for every process; sets up the process group the Trainer will use (accelerate's shared state)."""
     if is_distributed():
-        from accelerate import PartialState
-
         import torch
+        from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def processes_asked_of_accelerate(parent_cmdline: list[str]) -> int | None:
     """--num_processes of an `accelerate launch` command line (or of its --config_file), if that is what started us."""
-    if "launch" not in parent_cmdline or not any(Path(part).name == "accelerate" or part.endswith("accelerate")
-                                                 for part in parent_cmdline[:3]):
+    if "launch" not in parent_cmdline or not any(
+        Path(part).name == "accelerate" or part.endswith("accelerate") for part in parent_cmdline[:3]
+    ):
         return None
     asked = None
     for index, part in enumerate(parent_cmdline):
@@ -77,6 +77,6 @@ def check_world_size(actual: int) -> None:
         raise EnvironmentProblem(
             f"asked for {requested} processes but training runs in {actual} ({launcher} ...)",
             fix="on CPU, `accelerate launch --cpu` starts one process: use `accelerate launch --multi_gpu "
-                "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no -m qtune train ...` "
-                "or `torchrun --standalone --nproc_per_node N -m qtune train ...`",
+            "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no -m qtune train ...` "
+            "or `torchrun --standalone --nproc_per_node N -m qtune train ...`",
         )

@@ -51,3 +51,24 @@ class DataError(QtuneError):
 class EnvironmentProblem(QtuneError):
     def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
         super().__init__(what, where=where, fix=fix, code=EXIT_ENVIRONMENT)
+
+
+def hub_failure(action: str, target: str, error: Exception, *, fix: str | None = None) -> QtuneError:
+    """A Hub request that failed (huggingface_hub / httpx errors, or transformers' OSError around them) as one
+    exit-4 line: a token without access, another HTTP status, or no answer at all."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        what, default_fix = (
+            f"the token may not write to {target} (HTTP {status})",
+            "use a token with write access to that repo",
+        )
+    elif status is not None:
+        what, default_fix = f"the Hub answered HTTP {status}", "try again later"
+    elif isinstance(error, (OSError, ValueError)) and not isinstance(error, ConnectionError) and str(error):
+        what, default_fix = str(error).splitlines()[0], "check the network; local files are untouched"
+    else:
+        what, default_fix = (
+            f"cannot reach the Hub ({type(error).__name__})",
+            "check the network; local files are untouched",
+        )
+    return QtuneError(f"{action} {target} failed: {what}", fix=fix or default_fix, code=EXIT_ENVIRONMENT)

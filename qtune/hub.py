@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
-from qtune.errors import EXIT_ENVIRONMENT, QtuneError
+from qtune.errors import EXIT_ENVIRONMENT, QtuneError, hub_failure
+from qtune.metrics import format_table
+from qtune.recipe import PUSH_TARGETS
+from qtune.run_dir import ADAPTER, ARTIFACTS, CHECKPOINTS, EVAL_BEFORE, EXPORT, EXPORT_REPORT, RECIPE_FILE, open_run
 
-WHAT = ("adapter", "merged", "nf4", "gguf")
 CHECKPOINT_PREFIX = "checkpoints"
 
 
@@ -29,18 +32,9 @@ def require_token() -> None:
     from huggingface_hub import get_token
 
     if not get_token():
-        raise QtuneError("no Hugging Face token found", fix="set HF_TOKEN or run `hf auth login`", code=EXIT_ENVIRONMENT)
-
-
-def hub_failure(action: str, repo_id: str, error: Exception) -> QtuneError:
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if status in (401, 403):
-        what, fix = f"the token may not write to {repo_id} (HTTP {status})", "use a token with write access to that repo"
-    elif status is not None:
-        what, fix = f"the Hub answered HTTP {status}", "try again later"
-    else:
-        what, fix = f"cannot reach the Hub ({type(error).__name__})", "check the network; local files are untouched"
-    return QtuneError(f"{action} {repo_id} failed: {what}", fix=fix, code=EXIT_ENVIRONMENT)
+        raise QtuneError(
+            "no Hugging Face token found", fix="set HF_TOKEN or run `hf auth login`", code=EXIT_ENVIRONMENT
+        )
 
 
 def commit_to_repo(repo_id: str, operations: list, message: str, *, private: bool, action: str) -> None:
@@ -58,7 +52,7 @@ def commit_to_repo(repo_id: str, operations: list, message: str, *, private: boo
 
 def files_to_push(run_dir: Path, what: list[str]) -> dict[str, Path]:
     """{path in the repo: local file}. The adapter sits at the root so PeftModel.from_pretrained(repo) works."""
-    export_dir = run_dir / "export"
+    export_dir = run_dir / EXPORT
     chosen: dict[str, Path] = {}
 
     def add_folder(folder: Path, prefix: str) -> None:
@@ -68,17 +62,21 @@ def files_to_push(run_dir: Path, what: list[str]) -> dict[str, Path]:
 
     for item in what:
         if item == "adapter":
-            add_folder(run_dir / "adapter", "")
+            add_folder(run_dir / ADAPTER, "")
         elif item == "merged":
-            folders = [p for p in (export_dir / "merged-fp16", export_dir / "merged-bf16") if p.is_dir()]
+            folders = [
+                export_dir / ARTIFACTS[f]
+                for f in ("merged_fp16", "merged_bf16")
+                if (export_dir / ARTIFACTS[f]).is_dir()
+            ]
             if not folders:
                 raise missing_export(item, "merged_fp16")
             for folder in folders:
                 add_folder(folder, f"{folder.name}/")
         elif item == "nf4":
-            if not (export_dir / "nf4").is_dir():
+            if not (export_dir / ARTIFACTS["nf4"]).is_dir():
                 raise missing_export(item, "nf4")
-            add_folder(export_dir / "nf4", "nf4/")
+            add_folder(export_dir / ARTIFACTS["nf4"], "nf4/")
         elif item == "gguf":
             files = sorted(export_dir.glob("*.gguf")) + sorted(export_dir.glob("*.Modelfile"))
             if not files:
@@ -88,91 +86,136 @@ def files_to_push(run_dir: Path, what: list[str]) -> dict[str, Path]:
 
 
 def missing_export(item: str, fmt: str) -> QtuneError:
-    return QtuneError(f"nothing to push for '{item}': the run has no such export",
-                      fix=f"run `qtune export RUN_DIR --format {fmt}` first", code=EXIT_ENVIRONMENT)
+    return QtuneError(
+        f"nothing to push for '{item}': the run has no such export",
+        fix=f"run `qtune export RUN_DIR --format {fmt}` first",
+        code=EXIT_ENVIRONMENT,
+    )
 
 
 def base_license(model_name: str) -> str | None:
-    """The base model's licence from its local model card front matter, if it declares one."""
+    """The licence the base model's local model card declares in its metadata (never a word from its body)."""
+    from huggingface_hub import ModelCard
+
     card = Path(model_name).expanduser() / "README.md"
-    if card.is_file():
-        match = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace"), re.MULTILINE)
-        if match:
-            return match.group(1)
-    return None
+    if not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # a card whose metadata block does not parse declares nothing we can rely on
+        return None
 
 
 def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, str | Path]) -> str:
-    import yaml
-
-    from qtune.export import open_run
+    from huggingface_hub import ModelCardData
 
     trained = open_run(run_dir)
     recipe = trained.recipe
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-    report_path = run_dir / "export" / "export_report.json"
+    metrics = trained.metrics()
+    report_path = trained.export_dir / EXPORT_REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     hub_datasets = [d.path for d in recipe.data.datasets if not Path(d.path).expanduser().exists()]
-    front = {
-        "base_model": recipe.model.name,
-        "library_name": "peft" if "adapter" in what else "transformers",
-        "tags": ["qlora", "qtune", "lora", "sft", "generated_from_trainer"] + (["gguf"] if "gguf" in what else []),
-        "pipeline_tag": "text-generation",
-    }
-    if hub_datasets:
-        front["datasets"] = hub_datasets
-    license_name = base_license(recipe.model.name)
-    if license_name:
-        front["license"] = license_name
+    front = ModelCardData(
+        base_model=recipe.model.name,
+        library_name="peft" if "adapter" in what else "transformers",
+        tags=["qlora", "qtune", "lora", "sft", "generated_from_trainer"] + (["gguf"] if "gguf" in what else []),
+        pipeline_tag="text-generation",
+        datasets=hub_datasets or None,
+        license=base_license(recipe.model.name),
+    )
 
     def fmt(value, spec=".4f"):
         return "n/a" if value is None else format(value, spec)
 
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id.split('/')[-1]}", "",
-             f"QLoRA fine-tune of [{recipe.model.name}](https://huggingface.co/{recipe.model.name}) made with qtune.", "",
-             "## Training", "",
-             "| setting | value |", "| --- | --- |",
-             f"| quantization | {recipe.quant.type}, double quant {recipe.quant.double_quant}, compute {recipe.quant.compute_dtype} |",
-             f"| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, dropout={recipe.lora.dropout:g}, "
-             f"targets={recipe.lora.target_modules}, rsLoRA={recipe.lora.use_rslora}, DoRA={recipe.lora.use_dora} |",
-             f"| data | {', '.join(f'{d.path} ({d.format})' for d in recipe.data.datasets)}; max_length {recipe.data.max_length} |",
-             f"| optimizer | {recipe.train.optimizer}, lr {recipe.train.lr:g} ({recipe.train.lr_scheduler}), "
-             f"batch {recipe.train.micro_batch_size} x {recipe.train.grad_accum} accumulation |",
-             f"| steps | {metrics.get('global_step', 'n/a')} |",
-             f"| train loss | {fmt(metrics.get('train_loss'))} |",
-             f"| eval loss before -> after | {fmt(metrics.get('eval_loss_before'))} -> {fmt(metrics.get('eval_loss'))} |",
-             f"| eval perplexity | {fmt(metrics.get('eval_perplexity'), '.3f')} |", ""]
+    lines = [
+        "---",
+        front.to_yaml(),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"QLoRA fine-tune of [{recipe.model.name}](https://huggingface.co/{recipe.model.name}) made with qtune.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| quantization | {recipe.quant.type}, double quant {recipe.quant.double_quant}, compute {recipe.quant.compute_dtype} |",
+        f"| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, dropout={recipe.lora.dropout:g}, "
+        f"targets={recipe.lora.target_modules}, rsLoRA={recipe.lora.use_rslora}, DoRA={recipe.lora.use_dora} |",
+        f"| data | {', '.join(f'{d.path} ({d.format})' for d in recipe.data.datasets)}; max_length {recipe.data.max_length} |",
+        f"| optimizer | {recipe.train.optimizer}, lr {recipe.train.lr:g} ({recipe.train.lr_scheduler}), "
+        f"batch {recipe.train.micro_batch_size} x {recipe.train.grad_accum} accumulation |",
+        f"| steps | {metrics.get('global_step', 'n/a')} |",
+        f"| train loss | {fmt(metrics.get('train_loss'))} |",
+        f"| eval loss before -> after | {fmt(metrics.get('eval_loss_before'))} -> {fmt(metrics.get('eval_loss'))} |",
+        f"| eval perplexity | {fmt(metrics.get('eval_perplexity'), '.3f')} |",
+        "",
+    ]
     if report:
-        from qtune.evaluate import format_table
-
-        lines += ["## Export fidelity", "",
-                  f"Each export reloaded and compared with the adapter on the NF4 base ({report['reference']['samples']} "
-                  f"validation samples, merge base: {report['merge_base']}):", "", "```",
-                  format_table(report["artifacts"], report["reference"]["perplexity"]), "```", ""]
+        lines += [
+            "## Export fidelity",
+            "",
+            f"Each export reloaded and compared with the adapter on the NF4 base ({report['reference']['samples']} "
+            f"validation samples, merge base: {report['merge_base']}):",
+            "",
+            "```",
+            format_table(report["artifacts"], report["reference"]["perplexity"]),
+            "```",
+            "",
+        ]
     lines += ["## Usage", ""]
     if "adapter" in what:
-        lines += ["transformers + peft:", "", "```python", "import torch",
-                  "from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig", "",
-                  'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,',
-                  "                         bnb_4bit_compute_dtype=torch.bfloat16)",
-                  f'base = AutoModelForCausalLM.from_pretrained("{recipe.model.name}", quantization_config=bnb, device_map="auto")',
-                  f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", ""]
+        lines += [
+            "transformers + peft:",
+            "",
+            "```python",
+            "import torch",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig",
+            "",
+            'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,',
+            "                         bnb_4bit_compute_dtype=torch.bfloat16)",
+            f'base = AutoModelForCausalLM.from_pretrained("{recipe.model.name}", quantization_config=bnb, device_map="auto")',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            "```",
+            "",
+        ]
     if "merged" in what:
         folder = next((p.split("/")[0] for p in chosen if p.startswith("merged-")), "merged-fp16")
-        lines += ["Merged weights:", "", "```python", "from transformers import AutoModelForCausalLM",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="{folder}")', "```", ""]
+        lines += [
+            "Merged weights:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="{folder}")',
+            "```",
+            "",
+        ]
     if "nf4" in what:
-        lines += ["4-bit (NF4) weights:", "", "```python", "from transformers import AutoModelForCausalLM",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="nf4")', "```", ""]
+        lines += [
+            "4-bit (NF4) weights:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="nf4")',
+            "```",
+            "",
+        ]
     if "gguf" in what:
         gguf_files = sorted(p for p in chosen if p.endswith(".gguf"))
         first = gguf_files[0] if gguf_files else "model-q8_0.gguf"
-        lines += ["llama.cpp and Ollama:", "", "```bash",
-                  f"llama-cli --hf-repo {repo_id} --hf-file {first} -p \"Hello\"",
-                  f"huggingface-cli download {repo_id} {first} {first}.Modelfile --local-dir .",
-                  f"ollama create {repo_id.split('/')[-1]} -f {first}.Modelfile", "```", ""]
+        lines += [
+            "llama.cpp and Ollama:",
+            "",
+            "```bash",
+            f'llama-cli --hf-repo {repo_id} --hf-file {first} -p "Hello"',
+            f"huggingface-cli download {repo_id} {first} {first}.Modelfile --local-dir .",
+            f"ollama create {repo_id.split('/')[-1]} -f {first}.Modelfile",
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -182,9 +225,9 @@ def push(run_dir: str | Path, repo_id: str, what: list[str] | None = None, *, pr
 
     run_dir = Path(run_dir)
     what = list(dict.fromkeys(what or ["adapter"]))
-    unknown = [w for w in what if w not in WHAT]
+    unknown = [w for w in what if w not in PUSH_TARGETS]
     if unknown:
-        raise QtuneError(f"unknown --what '{unknown[0]}'", fix=f"choose from {', '.join(WHAT)}", code=2)
+        raise QtuneError(f"unknown --what '{unknown[0]}'", fix=f"choose from {', '.join(PUSH_TARGETS)}", code=2)
     chosen = files_to_push(run_dir, what)
     card = model_card(run_dir, repo_id, what, chosen)
     require_token()
@@ -202,40 +245,53 @@ def push_checkpoint(repo_id: str, checkpoint: Path, run_dir: Path, *, private: b
     """One checkpoint (and what a resume needs: the recipe, the eval before training) under checkpoints/."""
     from huggingface_hub import CommitOperationAdd
 
-    operations = [CommitOperationAdd(path_in_repo=f"{CHECKPOINT_PREFIX}/{checkpoint.name}/{p.relative_to(checkpoint).as_posix()}",
-                                     path_or_fileobj=str(p))
-                  for p in sorted(checkpoint.rglob("*")) if p.is_file()]
-    for name in ("recipe.yaml", "eval_before.json"):
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=f"{CHECKPOINT_PREFIX}/{checkpoint.name}/{p.relative_to(checkpoint).as_posix()}",
+            path_or_fileobj=str(p),
+        )
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file()
+    ]
+    for name in (RECIPE_FILE, EVAL_BEFORE):
         if (run_dir / name).is_file():
-            operations.append(CommitOperationAdd(path_in_repo=f"{CHECKPOINT_PREFIX}/{name}", path_or_fileobj=str(run_dir / name)))
+            operations.append(
+                CommitOperationAdd(path_in_repo=f"{CHECKPOINT_PREFIX}/{name}", path_or_fileobj=str(run_dir / name))
+            )
     commit_to_repo(repo_id, operations, f"qtune: {checkpoint.name}", private=private, action="pushing a checkpoint to")
 
 
 def pull_newest_checkpoint(repo_id: str, run_dir: Path) -> Path | None:
     """Download the newest checkpoint pushed to the Hub into run_dir/checkpoints; None if there is none."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import snapshot_download
 
     api = hub_api()
     try:
         files = api.list_repo_files(repo_id)
     except Exception as e:
         raise hub_failure("reading checkpoints from", repo_id, e) from None
-    steps = {}
-    for path in files:
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}/checkpoint-(\d+)/.+", path)
-        if match:
-            steps.setdefault(int(match.group(1)), []).append(path)
+    steps = {int(m.group(1)) for f in files if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}/checkpoint-(\d+)/.+", f))}
     if not steps:
         return None
-    newest = max(steps)
-    target = run_dir / "checkpoints"
+    newest = f"checkpoint-{max(steps)}"
+    wanted = [
+        f"{CHECKPOINT_PREFIX}/{newest}/*",
+        f"{CHECKPOINT_PREFIX}/{RECIPE_FILE}",
+        f"{CHECKPOINT_PREFIX}/{EVAL_BEFORE}",
+    ]
+    download = run_dir / f".{CHECKPOINTS}.partial"  # a name the run folder counts as qtune's own
     try:
-        for path in steps[newest] + [f for f in files if f in (f"{CHECKPOINT_PREFIX}/recipe.yaml", f"{CHECKPOINT_PREFIX}/eval_before.json")]:
-            local = Path(hf_hub_download(repo_id, path, endpoint=os.environ.get("HF_ENDPOINT") or None))
-            relative = Path(path).relative_to(CHECKPOINT_PREFIX)
-            destination = (target / relative) if relative.parts[0].startswith("checkpoint-") else run_dir / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(local.read_bytes())
+        snapshot_download(
+            repo_id, allow_patterns=wanted, local_dir=download, endpoint=os.environ.get("HF_ENDPOINT") or None
+        )
     except Exception as e:
+        shutil.rmtree(download, ignore_errors=True)
         raise hub_failure("downloading a checkpoint from", repo_id, e) from None
-    return target / f"checkpoint-{newest}"
+    fetched = download / CHECKPOINT_PREFIX
+    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    os.replace(fetched / newest, run_dir / CHECKPOINTS / newest)
+    for name in (RECIPE_FILE, EVAL_BEFORE):
+        if (fetched / name).is_file():
+            os.replace(fetched / name, run_dir / name)
+    shutil.rmtree(download, ignore_errors=True)
+    return run_dir / CHECKPOINTS / newest

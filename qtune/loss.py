@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 IGNORE = -100
 LOGIT_CHUNK_ELEMENTS = 1 << 23  # 32 MiB of fp32 logits per chunk
 
 
 def fused_head_weight(model):
     """The lm_head weight when the fused loss computes exactly what the model would, else None."""
-    import torch
-
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
@@ -36,43 +36,36 @@ def fused_head_weight(model):
 
 def supervised_positions(labels):
     """(row, position) of every position whose next token is a target, and those targets."""
-    import torch
-
     targets = torch.full_like(labels, IGNORE)
     targets[:, :-1] = labels[:, 1:]
     rows, positions = (targets != IGNORE).nonzero(as_tuple=True)
     return rows, positions, targets[rows, positions]
 
 
-def linear_cross_entropy_class():
-    import torch
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over n of CE(hidden[n] @ weight.T, target[n]), and its gradient for `hidden`, chunk by chunk."""
 
-    class LinearCrossEntropy(torch.autograd.Function):
-        """sum over n of CE(hidden[n] @ weight.T, target[n]), and its gradient for `hidden`, chunk by chunk."""
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = (hidden[start:end] @ weight.T).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            picked = targets[start:end]
+            loss += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probabilities = torch.exp_(logits.sub_(log_norm[:, None]))  # softmax, in place
+                probabilities[torch.arange(end - start, device=hidden.device), picked] -= 1
+                grad[start:end] = probabilities.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return loss
 
-        @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk):
-            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            for start in range(0, hidden.shape[0], chunk):
-                end = min(start + chunk, hidden.shape[0])
-                logits = (hidden[start:end] @ weight.T).float()
-                log_norm = torch.logsumexp(logits, dim=-1)
-                picked = targets[start:end]
-                loss += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
-                if grad is not None:
-                    probabilities = torch.exp_(logits.sub_(log_norm[:, None]))  # softmax, in place
-                    probabilities[torch.arange(end - start, device=hidden.device), picked] -= 1
-                    grad[start:end] = probabilities.to(weight.dtype) @ weight
-            ctx.save_for_backward(grad)
-            return loss
-
-        @staticmethod
-        def backward(ctx, grad_loss):
-            (grad,) = ctx.saved_tensors
-            return grad * grad_loss.to(grad.dtype), None, None, None
-
-    return LinearCrossEntropy
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
 
 
 def supervised_loss_sum(hidden, labels, weight):
@@ -80,7 +73,7 @@ def supervised_loss_sum(hidden, labels, weight):
     rows, positions, targets = supervised_positions(labels)
     chosen = hidden[rows, positions]
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0])
-    return linear_cross_entropy_class().apply(chosen, weight, targets, chunk), targets.numel()
+    return LinearCrossEntropy.apply(chosen, weight, targets, chunk), targets.numel()
 
 
 @contextmanager

@@ -7,16 +7,25 @@ from pathlib import Path
 
 import torch
 
-from qtune.errors import EnvironmentProblem, RecipeError
+from qtune.errors import EnvironmentProblem, QtuneError, RecipeError, hub_failure
 from qtune.recipe import LoraSection, ModelSection, QuantSection
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Names tried, in order, when a tokenizer has no pad token: ones real tokenizers reserve for it.
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|reserved_special_token_0|>", "<|endoftext|>")
+PAD_CANDIDATES = (
+    "<|finetune_right_pad_id|>",
+    "<|pad|>",
+    "<pad>",
+    "[PAD]",
+    "<|reserved_special_token_0|>",
+    "<|endoftext|>",
+)
 
 
-def resolve_compute_dtype(name: str, *, cuda_available: bool | None = None, capability: tuple[int, int] | None = None) -> torch.dtype:
+def resolve_compute_dtype(
+    name: str, *, cuda_available: bool | None = None, capability: tuple[int, int] | None = None
+) -> torch.dtype:
     """`auto`: bf16 only on GPUs that really have it, fp16 on older GPUs, fp32 on CPU.
 
     `torch.cuda.is_bf16_supported()` says yes on a T4 (sm_75) because it emulates bf16, slowly;
@@ -59,17 +68,22 @@ def model_source(model: ModelSection) -> tuple[str, dict]:
     path = Path(model.name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise EnvironmentProblem(f"model folder has no config.json: {model.name}", fix="point model.name at a saved model")
+            raise EnvironmentProblem(
+                f"model folder has no config.json: {model.name}", fix="point model.name at a saved model"
+            )
         return str(path), {}
     if model.name.startswith((".", "/", "~")) or model.name.count("/") > 1:
-        raise EnvironmentProblem(f"model folder not found: {model.name}", fix="check model.name (a local folder or a Hub id)")
+        raise EnvironmentProblem(
+            f"model folder not found: {model.name}", fix="check model.name (a local folder or a Hub id)"
+        )
     return model.name, {"revision": model.revision}
 
 
-def hub_failure(model: ModelSection, error: Exception) -> EnvironmentProblem:
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return EnvironmentProblem(
-        f"cannot load model '{model.name}' (revision {model.revision}): {first}",
+def model_not_loadable(model: ModelSection, error: Exception) -> QtuneError:
+    return hub_failure(
+        "loading model",
+        f"'{model.name}' (revision {model.revision})",
+        error,
         fix="check the id; offline machines need a local folder; gated models need `hf auth login` or HF_TOKEN",
     )
 
@@ -81,9 +95,11 @@ def load_tokenizer(model: ModelSection):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        raise hub_failure(model, e) from None
+        raise model_not_loadable(model, e) from None
     if tokenizer.eos_token_id is None:
-        raise EnvironmentProblem(f"tokenizer of {model.name} has no EOS token", fix="use a tokenizer that defines eos_token")
+        raise EnvironmentProblem(
+            f"tokenizer of {model.name} has no EOS token", fix="use a tokenizer that defines eos_token"
+        )
     choose_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
@@ -136,7 +152,7 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
             **kwargs,
         )
     except (OSError, ValueError) as e:
-        raise hub_failure(model, e) from None
+        raise model_not_loadable(model, e) from None
     keep_cpu_4bit_layout_trainable(base)
     return base
 
@@ -265,8 +281,13 @@ def lean_lora_dropout(model) -> int:
             continue
         for name, dropout in list(dropouts.items()):
             linear = lora_a[name] if name in lora_a else None
-            if (type(dropout) is not torch.nn.Dropout or dropout.p == 0 or type(linear) is not torch.nn.Linear
-                    or linear.bias is not None or name in getattr(module, "lora_variant", {})):
+            if (
+                type(dropout) is not torch.nn.Dropout
+                or dropout.p == 0
+                or type(linear) is not torch.nn.Linear
+                or linear.bias is not None
+                or name in getattr(module, "lora_variant", {})
+            ):
                 continue  # DoRA and other variants apply the dropout themselves
             dropouts[name] = torch.nn.Identity()
             linear.qtune_dropout = dropout.p
@@ -275,34 +296,33 @@ def lean_lora_dropout(model) -> int:
     return changed
 
 
+class DropoutLinear(torch.autograd.Function):
+    """dropout(x) @ W.T keeping x and a 1-byte mask for the backward pass, instead of the dropped-out copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        # the ops of ATen's CPU dropout, in its order: the same draw as nn.Dropout
+        scale = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        ctx.p = p
+        ctx.save_for_backward(x, weight, scale != 0)
+        return torch.nn.functional.linear(x * scale, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, kept = ctx.saved_tensors
+        scale = kept.to(x.dtype).div_(1 - ctx.p)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight) * scale
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ (x * scale).reshape(-1, x.shape[-1])
+        return grad_x, grad_w, None
+
+
 def _dropout_then_linear(self, x):
     if self.training and torch.is_grad_enabled():
-        return _dropout_linear_function().apply(x, self.weight, self.qtune_dropout)
+        return DropoutLinear.apply(x, self.weight, self.qtune_dropout)
     return torch.nn.functional.linear(torch.nn.functional.dropout(x, self.qtune_dropout, self.training), self.weight)
-
-
-def _dropout_linear_function():
-    class DropoutLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, p):
-            # the ops of ATen's CPU dropout, in its order: the same draw as nn.Dropout
-            scale = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
-            ctx.p = p
-            ctx.save_for_backward(x, weight, scale != 0)
-            return torch.nn.functional.linear(x * scale, weight)
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            x, weight, kept = ctx.saved_tensors
-            scale = kept.to(x.dtype).div_(1 - ctx.p)
-            grad_x = grad_w = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad_out @ weight) * scale
-            if ctx.needs_input_grad[1]:
-                grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ (x * scale).reshape(-1, x.shape[-1])
-            return grad_x, grad_w, None
-
-    return DropoutLinear
 
 
 def keep_trainable_in_fp32(model) -> None:
@@ -316,3 +336,12 @@ def keep_trainable_in_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+
+
+def load_adapter_model(trained, compute_dtype):
+    """The model as it was trained: the 4-bit base with the saved adapter on it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(
+        load_base(trained.recipe.model, trained.recipe.quant, compute_dtype), trained.adapter_dir
+    )

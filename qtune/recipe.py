@@ -81,7 +81,7 @@ DATA_FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt", "text")
 class DatasetSpec(Section):
     path: str
     """Local file (.json, .jsonl, .csv, .parquet), a folder of them, or a Hub dataset id."""
-    format: Literal["alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+    format: Literal[DATA_FORMATS]
     """How rows are laid out: alpaca (instruction/input/output), prompt_completion, messages, sharegpt, text."""
     split: str = "train"
     """Split of a Hub dataset (or of a local file loaded through datasets)."""
@@ -136,7 +136,7 @@ class TrainSection(Section):
     """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float = Field(0.3, gt=0)
     """Gradient clipping (0.3 as in the QLoRA paper)."""
-    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    optimizer: Literal[OPTIMIZERS] = "paged_adamw_8bit"
     """Optimizer; paged ones spill their state to CPU memory instead of running out of GPU memory."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass: less memory, +50% of the frozen base's compute. auto: only when
@@ -165,12 +165,14 @@ class LogSection(Section):
 
 
 EXPORT_FORMATS = ("adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
+MERGE_BASES = ("dequantized", "original")
+PUSH_TARGETS = ("adapter", "merged", "nf4", "gguf")
 
 
 class ExportSection(Section):
-    formats: list[Literal["adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0"]] = []
+    formats: list[Literal[EXPORT_FORMATS]] = []
     """Exports written after training into <output_dir>/export (same as `qtune export RUN --format ...`)."""
-    merge_base: Literal["dequantized", "original"] = "dequantized"
+    merge_base: Literal[MERGE_BASES] = "dequantized"
     """Merge into the dequantized NF4 weights the adapter was trained on (exact), or the original weights."""
     eval_samples: int = Field(32, gt=0)
     """Validation samples used to compare every export with the trained model."""
@@ -181,7 +183,7 @@ class HubSection(Section):
     """Hub repo (user/name) to push to after training and export. The token comes from HF_TOKEN or `hf auth login`."""
     private: bool = True
     """Create the repo private (the default)."""
-    push: list[Literal["adapter", "merged", "nf4", "gguf"]] = ["adapter"]
+    push: list[Literal[PUSH_TARGETS]] = ["adapter"]
     """What to push after training: adapter, merged, nf4, gguf (exports must be in export.formats)."""
     push_checkpoints: bool = False
     """Push every saved checkpoint too, so `qtune train RECIPE --resume` can continue on a fresh machine (Colab)."""

@@ -17,9 +17,12 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from qtune.errors import EXIT_INTEGRITY, EnvironmentProblem, QtuneError, RecipeError
+from qtune.fsutil import remove
+from qtune.recipe import Recipe
 
 MARKER = ".qtune"
 LOCK = ".qtune.lock"
@@ -35,17 +38,50 @@ EXPORT = "export"
 EXPORT_REPORT = "export_report.json"
 SAMPLE_TRACE = "sample_trace"
 
-# Export formats and the name each artifact gets in the export folder (one GGUF file per quantization).
-ARTIFACTS = {"adapter": "adapter", "merged_fp16": "merged-fp16", "merged_bf16": "merged-bf16", "nf4": "nf4",
-             "gguf_f16": "model-f16.gguf", "gguf_q8_0": "model-q8_0.gguf", "gguf_q4_0": "model-q4_0.gguf"}
+# Export formats and the name each artifact gets in the export folder (one GGUF file per quantization): the one
+# list of formats. Merged formats map to their torch dtype, GGUF formats to their llama.cpp quantization.
+ARTIFACTS = {
+    "adapter": "adapter",
+    "merged_fp16": "merged-fp16",
+    "merged_bf16": "merged-bf16",
+    "nf4": "nf4",
+    "gguf_f16": "model-f16.gguf",
+    "gguf_q8_0": "model-q8_0.gguf",
+    "gguf_q4_0": "model-q4_0.gguf",
+}
+MERGED_FORMATS = {"merged_fp16": "float16", "merged_bf16": "bfloat16"}
+GGUF_FORMATS = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
 MODELFILE_SUFFIX = ".Modelfile"  # Ollama's recipe beside each GGUF file
 MERGE_WORK = ".merged-fp16-work"  # the fp16 merge the GGUF and NF4 writers start from, when not kept
-EXPORT_ENTRIES = frozenset({MARKER, LOCK, EXPORT_REPORT, MERGE_WORK, *ARTIFACTS.values(),
-                            *(name + MODELFILE_SUFFIX for name in ARTIFACTS.values() if name.endswith(".gguf"))})
+EXPORT_ENTRIES = frozenset(
+    {
+        MARKER,
+        LOCK,
+        EXPORT_REPORT,
+        MERGE_WORK,
+        *ARTIFACTS.values(),
+        *(name + MODELFILE_SUFFIX for name in ARTIFACTS.values() if name.endswith(".gguf")),
+    }
+)
 
 # Everything qtune writes into a run folder (wandb and tensorboard are told to write there too).
-RUN_ENTRIES = frozenset({MARKER, LOCK, RECIPE_FILE, CHECKPOINTS, ADAPTER, METRICS, EVAL_BEFORE, LOSS_PLOT, EVAL_REPORT,
-                         EXPORT, SAMPLE_TRACE, "tensorboard", "wandb"})
+RUN_ENTRIES = frozenset(
+    {
+        MARKER,
+        LOCK,
+        RECIPE_FILE,
+        CHECKPOINTS,
+        ADAPTER,
+        METRICS,
+        EVAL_BEFORE,
+        LOSS_PLOT,
+        EVAL_REPORT,
+        EXPORT,
+        SAMPLE_TRACE,
+        "tensorboard",
+        "wandb",
+    }
+)
 # Temporary names of the same entries while they are being written (`.adapter.tmp`, `.metrics.json.tmp`, ...).
 STAGING = re.compile(r"\.(?P<name>.+)\.(tmp|old|partial)")
 
@@ -71,9 +107,25 @@ def foreign_entries(folder: Path, entries: frozenset[str]) -> list[str]:
 
 
 def write_marker(folder: Path, kind: str) -> None:
-    from qtune import __version__
+    from importlib.metadata import version
 
-    (folder / MARKER).write_text(json.dumps({"kind": kind, "qtune": __version__}) + "\n")
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "qtune": version("qtune")}) + "\n")
+
+
+def holder_of(folder: Path) -> str | None:
+    """The process id holding `folder`'s lock, or None when no process holds it (nothing is locked or created)."""
+    import fcntl
+
+    path = folder / LOCK
+    if not path.is_file():
+        return None
+    with path.open("r+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read(64).decode(errors="replace").strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 class FolderLock:
@@ -93,8 +145,10 @@ class FolderLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RecipeError(f"{self.path.parent} is in use by {self.what} running as process {holder}",
-                              fix=f"wait for it to finish or stop it (kill {holder}), or choose another folder") from None
+            raise RecipeError(
+                f"{self.path.parent} is in use by {self.what} running as process {holder}",
+                fix=f"wait for it to finish or stop it (kill {holder}), or choose another folder",
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
@@ -117,7 +171,7 @@ class Claim:
             shutil.rmtree(self.folder, ignore_errors=True)
         elif self.was_empty:  # the user's empty folder: leave it empty, as it was
             for entry in self.folder.iterdir():
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                remove(entry)
 
 
 @contextmanager
@@ -132,9 +186,11 @@ def claimed(folder: Path, *, kind: str, entries: frozenset[str], overwrite: bool
     if folder.exists() and not folder.is_dir():
         raise RecipeError(f"{option} is a file: {folder}", fix="choose a folder path")
     if folder.is_dir() and not is_marked(folder, kind) and foreign_entries(folder, frozenset({LOCK})):
-        raise RecipeError(f"{option} {folder} is a non-empty folder that qtune did not create; qtune never writes "
-                          "into or deletes such a folder, --overwrite included",
-                          fix=f"choose another {option} (a new or empty folder)")
+        raise RecipeError(
+            f"{option} {folder} is a non-empty folder that qtune did not create; qtune never writes "
+            "into or deletes such a folder, --overwrite included",
+            fix=f"choose another {option} (a new or empty folder)",
+        )
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,22 +202,49 @@ def claimed(folder: Path, *, kind: str, entries: frozenset[str], overwrite: bool
         others = foreign_entries(folder, entries)
         if others:
             listed = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
-            raise RecipeError(f"{option} {folder} holds files qtune did not write ({listed}); qtune never deletes them",
-                              fix=f"move them out, or choose another {option}")
+            raise RecipeError(
+                f"{option} {folder} holds files qtune did not write ({listed}); qtune never deletes them",
+                fix=f"move them out, or choose another {option}",
+            )
         if marked and not keep:
             if not overwrite:
-                fix = (f"add --resume to continue it, --overwrite to replace it, or choose another {option}" if kind == "run"
-                       else f"add --overwrite to replace it, or choose another {option}")
+                fix = (
+                    f"add --resume to continue it, --overwrite to replace it, or choose another {option}"
+                    if kind == "run"
+                    else f"add --overwrite to replace it, or choose another {option}"
+                )
                 raise RecipeError(f"{option} {folder} holds a previous qtune {kind}", fix=fix)
             for entry in folder.iterdir():
                 if entry.name != LOCK:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                    remove(entry)
         was_empty = not foreign_entries(folder, frozenset({LOCK}))
         if not is_marked(folder, kind):
             write_marker(folder, kind)
         yield Claim(folder, created=created, was_empty=was_empty)
     finally:
         lock.release()
+
+
+def check_run_folder(output_dir: str | Path, *, resume: bool) -> None:
+    """The refusals `claimed_run` would make, answered before anything heavy is imported (the CLI calls this first;
+    `claimed_run` decides again under the lock)."""
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"train.output_dir is a file: {folder}", fix="choose a folder path")
+    if not folder.is_dir():
+        return
+    if not is_run(folder) and foreign_entries(folder, frozenset({LOCK})) and not resume:
+        raise RecipeError(
+            f"train.output_dir {folder} is a non-empty folder that qtune did not create; qtune never "
+            "writes into or deletes such a folder, --overwrite included",
+            fix="choose another train.output_dir (a new or empty folder)",
+        )
+    holder = holder_of(folder)
+    if holder is not None:
+        raise RecipeError(
+            f"{folder} is in use by a qtune run running as process {holder}",
+            fix=f"wait for it to finish or stop it (kill {holder}), or choose another folder",
+        )
 
 
 @contextmanager
@@ -171,8 +254,62 @@ def claimed_run(output_dir: str | Path, *, resume: bool, overwrite: bool, hub_ch
     if resume and not is_run(folder):
         empty = not folder.exists() or (folder.is_dir() and not foreign_entries(folder, frozenset({LOCK})))
         if not (hub_checkpoints and empty):  # with checkpoints on the Hub, a fresh machine resumes into a new folder
-            raise QtuneError(f"nothing to resume: {folder} is not a qtune run folder",
-                             fix="run without --resume to start a new run", code=EXIT_INTEGRITY)
-    with claimed(folder, kind="run", entries=RUN_ENTRIES, overwrite=overwrite, keep=resume,
-                 what="a qtune run", option="train.output_dir") as claim:
+            raise QtuneError(
+                f"nothing to resume: {folder} is not a qtune run folder",
+                fix="run without --resume to start a new run",
+                code=EXIT_INTEGRITY,
+            )
+    with claimed(
+        folder,
+        kind="run",
+        entries=RUN_ENTRIES,
+        overwrite=overwrite,
+        keep=resume,
+        what="a qtune run",
+        option="train.output_dir",
+    ) as claim:
         yield claim
+
+
+# --------------------------------------------------------------------------- reading a finished run
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run_dir: Path
+    recipe: Recipe
+    adapter_dir: Path
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / EXPORT
+
+    def metrics(self) -> dict:
+        path = self.run_dir / METRICS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def artifact(self, fmt: str, export_dir: Path | None = None) -> Path:
+        return (export_dir or self.export_dir) / ARTIFACTS[fmt]
+
+
+def open_run(run_dir: str | Path) -> TrainedRun:
+    """A finished run: its recipe (validated again) and its adapter. Export, eval, chat and push start here."""
+    import yaml
+
+    from qtune.recipe import validate_recipe
+
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / RECIPE_FILE
+    if not recipe_file.is_file():
+        raise QtuneError(
+            f"not a qtune run folder: {run_dir}", fix="give the train.output_dir of a finished run", code=EXIT_INTEGRITY
+        )
+    recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), where=str(recipe_file))
+    adapter_dir = run_dir / ADAPTER
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise QtuneError(
+            f"the run has no trained adapter: {adapter_dir}",
+            fix="finish (or --resume) the training first",
+            code=EXIT_INTEGRITY,
+        )
+    return TrainedRun(run_dir, recipe, adapter_dir)

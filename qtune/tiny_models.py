@@ -48,7 +48,9 @@ def demo_rows(count: int, seed: int = 0) -> list[dict]:
             rows.append({"instruction": "Reverse the word.", "input": word, "output": word[::-1]})
         elif task == 2:
             words = [rng.choice(WORDS) for _ in range(rng.randrange(2, 9))]
-            rows.append({"instruction": "How many words are there?", "input": " ".join(words), "output": str(len(words))})
+            rows.append(
+                {"instruction": "How many words are there?", "input": " ".join(words), "output": str(len(words))}
+            )
         else:
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 6)))
             rows.append({"instruction": "Write the text in capital letters.", "input": words, "output": words.upper()})
@@ -59,9 +61,15 @@ def corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     rng = random.Random(seed)
     text = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 15))) for _ in range(lines)]
     for row in demo_rows(lines // 3, seed):
-        text.append(f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n{row['output']}")
-    text.append("Below is an instruction that describes a task. Write a response that appropriately completes the request.")
-    text.append("0 1 2 3 4 5 6 7 8 9 10 100 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz user assistant system")
+        text.append(
+            f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n{row['output']}"
+        )
+    text.append(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
+    text.append(
+        "0 1 2 3 4 5 6 7 8 9 10 100 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz user assistant system"
+    )
     return text
 
 
@@ -85,7 +93,9 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     bpe.train_from_iterator(corpus(seed), trainer=trainer)
     bos = bpe.token_to_id("<|begin_of_text|>")
     bpe.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -120,18 +130,32 @@ def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in learned["merges"]]
     spm = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     spm.normalizer = normalizer
-    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    spm.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=4096)
+    spm.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    spm.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=4096
+    )
 
 
 FAMILIES = ("llama", "qwen2")
 
 
-def build_model(family: str, tokenizer, *, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                intermediate: int = 512, seed: int = 0, tie_embeddings: bool = False):
+def build_model(
+    family: str,
+    tokenizer,
+    *,
+    hidden: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 512,
+    seed: int = 0,
+    tie_embeddings: bool = False,
+):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -183,8 +207,17 @@ def pretraining_text(seed: int = 0, lines: int = 4000) -> list[str]:
     return text
 
 
-def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
-             progress: bool = False) -> list[float]:
+def pretrain(
+    model,
+    tokenizer,
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 3e-3,
+    progress: bool = False,
+) -> list[float]:
     """A short full-precision language-model run so the base has real (not random) weights.
 
     Quantization error, and what fine-tuning adds, only mean something on a model that knows something.
@@ -220,8 +253,16 @@ def pretrain(model, tokenizer, *, steps: int, seed: int = 0, batch_size: int = 1
     return losses
 
 
-def write_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0, pretrain_steps: int = 0,
-                     tokenizer_kind: str = "bpe", progress: bool = False, **shape) -> Path:
+def write_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    pretrain_steps: int = 0,
+    tokenizer_kind: str = "bpe",
+    progress: bool = False,
+    **shape,
+) -> Path:
     """Build a tokenizer (byte-level BPE, or Llama-2-style SentencePiece) and a model (optionally pretrained
     a little) and save both (safetensors) into `out_dir`."""
     out = Path(out_dir)

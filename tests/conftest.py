@@ -117,7 +117,9 @@ def train_run(tmp_path_factory, model_dir, alpaca_file, name):
     from qtune.cli import main
 
     folder = tmp_path_factory.mktemp(name)
-    raw = recipe_dict(model_dir, alpaca_file, folder / "run", lora={"dropout": 0.05}, train={"max_steps": 10, "eval_steps": 10})
+    raw = recipe_dict(
+        model_dir, alpaca_file, folder / "run", lora={"dropout": 0.05}, train={"max_steps": 10, "eval_steps": 10}
+    )
     assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
     return folder / "run"
 
@@ -133,8 +135,9 @@ def spm_llama_run(tmp_path_factory, alpaca_file):
     """A run on a Llama-2-style model: SentencePiece vocabulary with byte fallback, no pad token."""
     from qtune.tiny_models import write_tiny_model
 
-    base = write_tiny_model(tmp_path_factory.mktemp("models") / "spm-llama", "llama", tokenizer_kind="spm",
-                            pretrain_steps=30, **TINY_SHAPE)
+    base = write_tiny_model(
+        tmp_path_factory.mktemp("models") / "spm-llama", "llama", tokenizer_kind="spm", pretrain_steps=30, **TINY_SHAPE
+    )
     return train_run(tmp_path_factory, base, alpaca_file, "spm-llama-run")
 
 

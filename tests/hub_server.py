@@ -52,7 +52,9 @@ class FakeHub:
                 self.wfile.write(data)
 
             def _record(self, body: bytes) -> None:
-                hub.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
+                hub.requests.append(
+                    {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                )
 
             def _token(self) -> str | None:
                 auth = self.headers.get("Authorization", "")
@@ -78,7 +80,9 @@ class FakeHub:
                     spec = json.loads(body)
                     repo_id = f"{spec['organization']}/{spec['name']}" if spec.get("organization") else spec["name"]
                     if repo_id in hub.repos:
-                        return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                        return self._json(
+                            409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                        )
                     private = spec["visibility"] == "private" if "visibility" in spec else spec.get("private")
                     hub.repos[repo_id] = {"private": private, "files": {}, "commits": 0, "head": "0" * 40}
                     return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
@@ -93,8 +97,14 @@ class FakeHub:
                         return self._json(404, {"error": "Repository not found"})
                     if action == "preupload":
                         files = json.loads(body)["files"]
-                        return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                          for f in files]})
+                        return self._json(
+                            200,
+                            {
+                                "files": [
+                                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                                ]
+                            },
+                        )
                     repo = hub.repos[repo_id]
                     for line in body.decode().splitlines():
                         item = json.loads(line)
@@ -105,8 +115,10 @@ class FakeHub:
                     repo["commits"] += 1
                     oid = hashlib.sha1(f"{repo_id}{repo['commits']}{id(hub)}".encode()).hexdigest()
                     repo["head"] = oid
-                    return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                                            "pullRequestUrl": None})
+                    return self._json(
+                        200,
+                        {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
+                    )
                 self._json(404, {"error": f"unknown endpoint {path}"})
 
             def _file(self, head: bool):
@@ -114,12 +126,21 @@ class FakeHub:
                 path = urlparse(self.path).path
                 match = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", path)
                 tree = re.fullmatch(r"/api/models/(.+?/.+?)/tree/([^/]+)(/.*)?", path)
+                info = re.fullmatch(r"/api/models/(.+?/.+?)/revision/([^/]+)", path)
+                if info:  # repo_info, as snapshot_download asks for it: the head commit and the file list
+                    repo = hub.repos.get(info.group(1))
+                    if repo is None:
+                        return self._json(404, {"error": "Repository not found"})
+                    siblings = [{"rfilename": p} for p in sorted(repo["files"])]
+                    return self._json(200, {"id": info.group(1), "sha": repo["head"], "siblings": siblings})
                 if tree:
                     repo = hub.repos.get(tree.group(1))
                     if repo is None:
                         return self._json(404, {"error": "Repository not found"})
-                    entries = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                               for p, d in sorted(repo["files"].items())]
+                    entries = [
+                        {"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                        for p, d in sorted(repo["files"].items())
+                    ]
                     return self._json(200, entries)
                 if not match or match.group(1) not in hub.repos:
                     return self._json(404, {"error": "Entry not found"})

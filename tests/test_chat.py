@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import recipe_dict, write_recipe
+
 from qtune.tiny_models import demo_rows
 
 
@@ -19,11 +19,18 @@ def chat_run(tmp_path_factory, pretrained_llama):
     data = folder / "chats.jsonl"
     with data.open("w") as f:
         for row in demo_rows(300, seed=1):
-            turns = [{"role": "user", "content": f"{row['instruction']} {row['input']}"},
-                     {"role": "assistant", "content": row["output"]}]
+            turns = [
+                {"role": "user", "content": f"{row['instruction']} {row['input']}"},
+                {"role": "assistant", "content": row["output"]},
+            ]
             f.write(json.dumps({"messages": turns}) + "\n")
-    raw = recipe_dict(pretrained_llama, data, folder / "run", fmt="messages",
-                      train={"max_steps": 400, "lr": 3e-3, "eval_steps": 400, "save_steps": 400, "logging_steps": 50})
+    raw = recipe_dict(
+        pretrained_llama,
+        data,
+        folder / "run",
+        fmt="messages",
+        train={"max_steps": 400, "lr": 3e-3, "eval_steps": 400, "save_steps": 400, "logging_steps": 50},
+    )
     assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
     return folder / "run"
 
@@ -44,8 +51,13 @@ def test_generate_stops_at_end_of_turn(chat_run):
 
 def test_chat_through_stdin(chat_run):
     session = "Reverse the word. stone\nAdd the two numbers. 3 + 4\n/reset\nHow many words are there? red blue\n/exit\n"
-    result = subprocess.run([sys.executable, "-m", "qtune", "chat", str(chat_run), "--max-new-tokens", "24"],
-                            input=session, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "qtune", "chat", str(chat_run), "--max-new-tokens", "24"],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     replies = [line for line in result.stdout.splitlines() if line.startswith("model> ")]
     assert len(replies) == 3
@@ -55,10 +67,20 @@ def test_chat_through_stdin(chat_run):
 def test_generate_cli_on_an_export(chat_run, tmp_path, run_cli):
     code, _, err = run_cli("export", chat_run, "--format", "merged_fp16", "--out", tmp_path, "--eval-samples", "2")
     assert code == 0, err
-    code, out, err = run_cli("generate", chat_run, "--artifact", tmp_path / "merged-fp16", "--prompt",
-                             "Reverse the word. stone", "--max-new-tokens", "24")
+    code, out, err = run_cli(
+        "generate",
+        chat_run,
+        "--artifact",
+        tmp_path / "merged-fp16",
+        "--prompt",
+        "Reverse the word. stone",
+        "--max-new-tokens",
+        "24",
+    )
     assert code == 0, err
-    code2, out_adapter, _ = run_cli("generate", chat_run, "--prompt", "Reverse the word. stone", "--max-new-tokens", "24")
+    code2, out_adapter, _ = run_cli(
+        "generate", chat_run, "--prompt", "Reverse the word. stone", "--max-new-tokens", "24"
+    )
     assert out.strip() and out == out_adapter  # the merged export answers as the adapter does (greedy)
 
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from qtune.data import ALPACA_WITH_INPUT, build, tokenize_sample
 from qtune.errors import EXIT_DATA, DataError, RecipeError
 from qtune.recipe import DataSection
@@ -20,7 +20,7 @@ def spec(path, fmt, **extra):
 
 
 def supervised(tokenizer, ids, labels) -> str:
-    return tokenizer.decode([t for t, l in zip(ids, labels) if l != -100])
+    return tokenizer.decode([token for token, label in zip(ids, labels) if label != -100])
 
 
 @pytest.fixture
@@ -179,7 +179,9 @@ def test_missing_column_is_named(tmp_path, tok):
 
 def test_bad_jsonl_line_gives_its_number(tmp_path, tok):
     path = tmp_path / "a.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    path.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n'
+    )
     expect_data_error(tok, section(spec(path, "alpaca")), "line 3")
 
 
@@ -190,7 +192,9 @@ def test_non_utf8_bytes_give_the_line(tmp_path, tok):
 
 
 def test_wrong_value_type_names_the_row(tmp_path, tok):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}])
+    path = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}]
+    )
     expect_data_error(tok, section(spec(path, "alpaca")), "row 2")
 
 

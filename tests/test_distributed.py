@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import recipe_dict, write_recipe
+
 from qtune.distributed import processes_asked_of_accelerate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,14 +33,29 @@ def batches(run: Path, rank: int):
 
 def test_ddp_two_processes_match_one_process(tmp_path, pretrained_llama, alpaca_file):
     """2 ranks x 2 samples vs 1 process x 2 samples x 2 accumulation: the same samples per optimizer step."""
-    raw = recipe_dict(pretrained_llama, alpaca_file, tmp_path / "ddp", train={"micro_batch_size": 2, "max_steps": 4,
-                                                                               "save_steps": 4, "eval_steps": 4})
+    raw = recipe_dict(
+        pretrained_llama,
+        alpaca_file,
+        tmp_path / "ddp",
+        train={"micro_batch_size": 2, "max_steps": 4, "save_steps": 4, "eval_steps": 4},
+    )
     recipe = write_recipe(tmp_path / "ddp.yaml", raw)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     result = run_qtune(["-m", "qtune", "train", str(recipe)], launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
-    single = run_qtune([sys.executable, "-m", "qtune", "train", str(recipe), "--set", f"train.output_dir={tmp_path / 'single'}",
-                        "--set", "train.grad_accum=2"])
+    single = run_qtune(
+        [
+            sys.executable,
+            "-m",
+            "qtune",
+            "train",
+            str(recipe),
+            "--set",
+            f"train.output_dir={tmp_path / 'single'}",
+            "--set",
+            "train.grad_accum=2",
+        ]
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     ddp, one = tmp_path / "ddp", tmp_path / "single"
@@ -64,8 +79,25 @@ def test_accelerate_cpu_launch_that_gives_one_process_is_refused(tmp_path, tiny_
     accelerate = shutil.which("accelerate")
     assert accelerate, "accelerate's launcher must be installed with the package"
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama, alpaca_file, tmp_path / "run"))
-    result = run_qtune([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtune", "train", str(recipe)])
+    result = run_qtune(
+        [
+            accelerate,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "qtune",
+            "train",
+            str(recipe),
+        ]
+    )
     assert result.returncode != 0
     assert "qtune: error: asked for 2 processes but training runs in 1" in result.stderr
     assert "Traceback" not in result.stderr.split("qtune: error:")[0][-200:]
@@ -74,7 +106,10 @@ def test_accelerate_cpu_launch_that_gives_one_process_is_refused(tmp_path, tiny_
 def test_accelerate_command_lines_are_read(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"num_processes": 4}))
-    assert processes_asked_of_accelerate(["/x/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "qtune"]) == 2
+    assert (
+        processes_asked_of_accelerate(["/x/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "qtune"])
+        == 2
+    )
     assert processes_asked_of_accelerate(["/x/bin/accelerate", "launch", "--num-processes=3", "t.py"]) == 3
     assert processes_asked_of_accelerate(["accelerate", "launch", "--config_file", str(config), "-m", "qtune"]) == 4
     assert processes_asked_of_accelerate(["python", "-m", "qtune", "train", "r.yaml"]) is None

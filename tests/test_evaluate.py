@@ -6,8 +6,18 @@ import pytest
 
 
 def test_quantize_report_orders_the_precisions_sanely(pretrained_llama, alpaca_file, tmp_path, run_cli):
-    code, out, err = run_cli("quantize-report", pretrained_llama, "--data", alpaca_file, "--format", "alpaca",
-                             "--samples", "24", "--out", tmp_path)
+    code, out, err = run_cli(
+        "quantize-report",
+        pretrained_llama,
+        "--data",
+        alpaca_file,
+        "--format",
+        "alpaca",
+        "--samples",
+        "24",
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "quantize_report" / "quantize_report.json").read_text())
     rows = report["precisions"]

@@ -5,13 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
-
-from qtune.run_dir import LOCK, MARKER
 import torch
-
 from conftest import recipe_dict, write_recipe
-from qtune import export
+
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError
+from qtune.export.merge import write_merged
+from qtune.export.run import export
+from qtune.run_dir import LOCK, MARKER, open_run
+from qtune.weights import quantized_weight_names
 
 ALL_FORMATS = ["adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0"]
 
@@ -45,10 +46,11 @@ def test_nf4_export_loads_with_no_extra_arguments(llama_run, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    export.run(llama_run, ["nf4"], out_dir=tmp_path, eval_samples=4, echo=lambda *_: None)
+    export(llama_run, ["nf4"], out_dir=tmp_path, eval_samples=4, echo=lambda *_: None)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(layers) == 14
+    linears_per_block = 7  # q, k, v, o, gate, up, down
+    assert len(layers) == model.config.num_hidden_layers * linears_per_block
     assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
     assert all(p.suffix != ".bin" for p in (tmp_path / "nf4").iterdir())
 
@@ -64,7 +66,7 @@ def test_merge_quantizes_exactly_the_layers_the_loader_does(family, pretrained_l
     folder = pretrained_llama if family == "llama" else pretrained_qwen2
     loaded = load_base(ModelSection(name=str(folder)), QuantSection(), torch.float32)
     expected = {f"{n}.weight" for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert export.quantized_weight_names(AutoConfig.from_pretrained(folder)) == expected
+    assert quantized_weight_names(AutoConfig.from_pretrained(folder)) == expected
 
 
 def reference_and_merged_logits(run_dir, merged_dir, batch):
@@ -73,7 +75,7 @@ def reference_and_merged_logits(run_dir, merged_dir, batch):
 
     from qtune.model import load_base
 
-    trained = export.open_run(run_dir)
+    trained = open_run(run_dir)
     base = load_base(trained.recipe.model, trained.recipe.quant, torch.float32)
     reference = PeftModel.from_pretrained(base, trained.adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -82,20 +84,22 @@ def reference_and_merged_logits(run_dir, merged_dir, batch):
 
 
 def test_merge_into_dequantized_base_is_exact_and_original_is_not(llama_run, tmp_path):
-    trained = export.open_run(llama_run)
+    trained = open_run(llama_run)
     batch = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(0))
     quiet = dict(echo=lambda *_: None)
-    export.write_merged(trained, tmp_path / "fp32", dtype_name="float32", merge_base="dequantized", **quiet)
-    export.write_merged(trained, tmp_path / "fp16", dtype_name="float16", merge_base="dequantized", **quiet)
-    export.write_merged(trained, tmp_path / "orig", dtype_name="float32", merge_base="original", **quiet)
+    write_merged(trained, tmp_path / "fp32", dtype_name="float32", merge_base="dequantized", **quiet)
+    write_merged(trained, tmp_path / "fp16", dtype_name="float16", merge_base="dequantized", **quiet)
+    write_merged(trained, tmp_path / "orig", dtype_name="float32", merge_base="original", **quiet)
     reference, exact = reference_and_merged_logits(llama_run, tmp_path / "fp32", batch)
     _, half = reference_and_merged_logits(llama_run, tmp_path / "fp16", batch)
     _, original = reference_and_merged_logits(llama_run, tmp_path / "orig", batch)
     exact_error = (exact - reference).abs().max().item()
     half_error = (half - reference).abs().max().item()
     original_error = (original - reference).abs().max().item()
-    print(f"max |Δlogit| vs adapter-on-NF4: dequantized fp32 {exact_error:.2e}, fp16 {half_error:.2e}, "
-          f"original fp32 {original_error:.2e}")
+    print(
+        f"max |Δlogit| vs adapter-on-NF4: dequantized fp32 {exact_error:.2e}, fp16 {half_error:.2e}, "
+        f"original fp32 {original_error:.2e}"
+    )
     assert exact_error < 1e-4
     assert half_error < 1e-2
     assert original_error > 10 * half_error  # merging into weights the adapter never saw costs fidelity
@@ -107,8 +111,8 @@ def test_dora_merge_matches_the_trained_model(tmp_path_factory, pretrained_qwen2
     folder = tmp_path_factory.mktemp("dora")
     raw = recipe_dict(pretrained_qwen2, alpaca_file, folder / "run", lora={"use_dora": True}, train={"max_steps": 4})
     assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
-    trained = export.open_run(folder / "run")
-    export.write_merged(trained, folder / "fp32", dtype_name="float32", merge_base="dequantized", echo=lambda *_: None)
+    trained = open_run(folder / "run")
+    write_merged(trained, folder / "fp32", dtype_name="float32", merge_base="dequantized", echo=lambda *_: None)
     batch = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(0))
     reference, merged = reference_and_merged_logits(folder / "run", folder / "fp32", batch)
     assert (merged - reference).abs().max().item() < 1e-4
@@ -119,10 +123,15 @@ def test_gguf_reads_back(llama_run, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from qtune.gguf_file import permute_for_llama_rotary
+    from qtune.export.gguf import permute_for_llama_rotary
 
-    export.run(llama_run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=tmp_path, eval_samples=4,
-               echo=lambda *_: None)
+    export(
+        llama_run,
+        ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"],
+        out_dir=tmp_path,
+        eval_samples=4,
+        echo=lambda *_: None,
+    )
     hf = AutoTokenizer.from_pretrained(tmp_path / "merged-fp16")
     merged = load_file(str(tmp_path / "merged-fp16" / "model.safetensors"))
     text = "Add the two numbers.\n12 + 7 = 19 <|im_start|>user hello<|im_end|>"
@@ -134,9 +143,11 @@ def test_gguf_reads_back(llama_run, tmp_path):
         template = reader.fields["tokenizer.chat_template"]
         assert "<|im_start|>" in bytes(template.parts[template.data[0]]).decode()
         tensors = {t.name: t for t in reader.tensors}
-        for hf_name, gguf_name in (("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
-                                   ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
-                                   ("model.embed_tokens.weight", "token_embd.weight")):
+        for hf_name, gguf_name in (
+            ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+            ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+            ("model.embed_tokens.weight", "token_embd.weight"),
+        ):
             tensor = tensors[gguf_name]
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(merged[hf_name].shape)
             expected = merged[hf_name].float().numpy()
@@ -151,7 +162,7 @@ def test_sentencepiece_vocabulary_in_gguf(spm_llama_run, tmp_path):
     import gguf
     from transformers import AutoTokenizer
 
-    report = export.run(spm_llama_run, ["gguf_f16", "gguf_q8_0"], out_dir=tmp_path, eval_samples=8, echo=lambda *_: None)
+    report = export(spm_llama_run, ["gguf_f16", "gguf_q8_0"], out_dir=tmp_path, eval_samples=8, echo=lambda *_: None)
     assert report["artifacts"]["gguf_f16"]["top1_agreement"] >= 0.999
     reader = gguf.GGUFReader(tmp_path / "model-f16.gguf")
     model_field = reader.fields["tokenizer.ggml.model"]
@@ -165,7 +176,7 @@ def test_sentencepiece_vocabulary_in_gguf(spm_llama_run, tmp_path):
 
 
 def test_unsupported_architecture_is_refused_before_writing(llama_run, tmp_path, run_cli):
-    trained = export.open_run(llama_run)
+    trained = open_run(llama_run)
     odd_base = tmp_path / "odd-base"
     shutil.copytree(trained.recipe.model.name, odd_base)
     config = json.loads((odd_base / "config.json").read_text())
@@ -184,11 +195,11 @@ def test_unsupported_architecture_is_refused_before_writing(llama_run, tmp_path,
 @pytest.mark.parametrize("stage, formats", [("merged", ["merged_fp16"]), ("nf4", ["nf4"]), ("gguf", ["gguf_q8_0"])])
 def test_failed_export_leaves_nothing_and_keeps_the_earlier_one(llama_run, tmp_path, monkeypatch, stage, formats):
     out = tmp_path / "export"
-    export.run(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
+    export(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     monkeypatch.setenv("QTUNE_FAIL_EXPORT_AT", stage)
     with pytest.raises(RuntimeError, match="injected"):
-        export.run(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
+        export(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted([MARKER, LOCK])  # no staging left
@@ -197,7 +208,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_earlier_one(llama_run, tmp_p
 def test_not_enough_disk_is_refused_with_the_numbers(llama_run, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(QtuneError, match=r"needs about .* GiB, 0.00 GiB free") as info:
-        export.run(llama_run, ["merged_fp16"], out_dir=tmp_path / "out", echo=lambda *_: None)
+        export(llama_run, ["merged_fp16"], out_dir=tmp_path / "out", echo=lambda *_: None)
     assert info.value.code == EXIT_ENVIRONMENT
     assert not (tmp_path / "out").exists()
 
@@ -205,9 +216,15 @@ def test_not_enough_disk_is_refused_with_the_numbers(llama_run, tmp_path, monkey
 def test_sharded_merge_has_an_index_and_loads(llama_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    trained = export.open_run(llama_run)
-    export.write_merged(trained, tmp_path / "m", dtype_name="float16", merge_base="dequantized", shard_bytes=200_000,
-                        echo=lambda *_: None)
+    trained = open_run(llama_run)
+    write_merged(
+        trained,
+        tmp_path / "m",
+        dtype_name="float16",
+        merge_base="dequantized",
+        shard_bytes=200_000,
+        echo=lambda *_: None,
+    )
     shards = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
@@ -222,7 +239,9 @@ def test_unknown_format_suggests(llama_run, run_cli, tmp_path):
 
 
 def test_recipe_export_section_runs_after_training(tmp_path, tiny_llama, alpaca_file, run_cli):
-    raw = recipe_dict(tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 2}, export={"formats": ["gguf_f16"]})
+    raw = recipe_dict(
+        tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 2}, export={"formats": ["gguf_f16"]}
+    )
     code, _, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "export" / "export_report.json").read_text())

@@ -8,17 +8,34 @@ import pytest
 from conftest import recipe_dict, write_recipe
 
 # Lines the libraries print that a user cannot act on (each one was seen in a `qtune train` of the demo).
-LIBRARY_NOISE = ("Truncating train dataset", "Dropping fully masked", "PAD/BOS/EOS", "Paged optimizers are not supported",
-                 "site-packages", "kernels-community", "tok/s=0", "Warning", "Traceback")
+LIBRARY_NOISE = (
+    "Truncating train dataset",
+    "Dropping fully masked",
+    "PAD/BOS/EOS",
+    "Paged optimizers are not supported",
+    "site-packages",
+    "kernels-community",
+    "tok/s=0",
+    "Warning",
+    "Traceback",
+)
 
 
 def qtune(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qtune", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "qtune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+        timeout=600,
+        **kwargs,
+    )
 
 
 def test_a_training_run_prints_qtune_lines_and_no_library_noise(tmp_path, tiny_llama, alpaca_file):
-    raw = recipe_dict(tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 4, "optimizer": "paged_adamw_8bit"})
+    raw = recipe_dict(
+        tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 4, "optimizer": "paged_adamw_8bit"}
+    )
     done = qtune("train", write_recipe(tmp_path / "r.yaml", raw))
     assert done.returncode == 0, done.stderr[-3000:]
     said = done.stdout + done.stderr
@@ -43,8 +60,9 @@ def test_generate_builds_the_alpaca_prompt_with_its_input_exactly_as_training_di
     tokenizer = load_tokenizer(recipe.model)
     trained = build(recipe.data, tokenizer, seed=0).train[0]
     prompt_length = next(i for i, label in enumerate(trained["labels"]) if label != -100)
-    with_input = build_prompt(tokenizer, "alpaca", [{"role": "user", "content": row["instruction"]}],
-                              alpaca_input=row["input"])
+    with_input = build_prompt(
+        tokenizer, "alpaca", [{"role": "user", "content": row["instruction"]}], alpaca_input=row["input"]
+    )
     assert with_input == trained["input_ids"][:prompt_length]
     without = build_prompt(tokenizer, "alpaca", [{"role": "user", "content": row["instruction"]}])
     assert "### Input:" in tokenizer.decode(with_input) and "### Input:" not in tokenizer.decode(without)
@@ -63,15 +81,25 @@ def test_chat_input_command_feeds_the_next_instruction_only(monkeypatch, tiny_to
 
     monkeypatch.setattr(chat, "generate", generate_recording_the_prompt)
     out = io.StringIO()
-    chat.chat_loop(None, tiny_tokenizer, "alpaca", stdin=io.StringIO("/input cloud\nReverse the word.\nReverse the word.\n"),
-                   stdout=out)
+    chat.chat_loop(
+        None,
+        tiny_tokenizer,
+        "alpaca",
+        stdin=io.StringIO("/input cloud\nReverse the word.\nReverse the word.\n"),
+        stdout=out,
+    )
     assert "### Input:\ncloud" in prompts[0] and "### Input:" not in prompts[1]
     assert "[input for the next instruction: 'cloud']" in out.getvalue()
 
 
 def test_output_piped_into_head_ends_quietly(tiny_llama):
-    done = subprocess.run(f"{sys.executable} -m qtune memory {tiny_llama} --json | head -1", shell=True,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        f"{sys.executable} -m qtune memory {tiny_llama} --json | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.strip() == "{" and done.stderr == ""
 
 
@@ -83,8 +111,9 @@ def test_make_tiny_model_says_what_it_does(tmp_path):
     assert "pretraining: 100%" in done.stderr  # the bar, on a step that takes a while on a busy machine
 
 
-@pytest.mark.parametrize(("cores", "busy", "threads"), [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.9, 1), (2, 5.0, 1),
-                                                         (16, 3.2, 13)])
+@pytest.mark.parametrize(
+    ("cores", "busy", "threads"), [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.9, 1), (2, 5.0, 1), (16, 3.2, 13)]
+)
 def test_threads_follow_the_free_cores(cores, busy, threads):
     from qtune.cpu_threads import choose_threads
 

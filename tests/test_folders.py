@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_dict, write_recipe
 
+from qtune.errors import RecipeError
 from qtune.run_dir import LOCK, MARKER, FolderLock, claimed_run, is_run
 
 RECIPE = 2
@@ -20,8 +21,14 @@ def snapshot(folder: Path) -> dict:
 
 
 def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qtune", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "qtune", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+        timeout=timeout,
+    )
 
 
 def user_project(folder: Path, tiny_llama, alpaca_file, output_dir: str) -> Path:
@@ -68,7 +75,7 @@ def test_overwrite_replaces_a_run_but_refuses_when_the_user_added_files(tmp_path
     with claimed_run(out, resume=False, overwrite=True):
         assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK]  # qtune's own files went, the lock stays
     (out / "my-notes.txt").write_text("mine")
-    with pytest.raises(Exception, match="did not write.*my-notes.txt") as error:
+    with pytest.raises(RecipeError, match="did not write.*my-notes.txt") as error:
         with claimed_run(out, resume=False, overwrite=True):
             pass
     assert error.value.code == RECIPE and (out / "my-notes.txt").read_text() == "mine"
@@ -77,11 +84,20 @@ def test_overwrite_replaces_a_run_but_refuses_when_the_user_added_files(tmp_path
 def test_lock_refuses_a_second_holder_and_a_killed_holder_leaves_nothing_stuck(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'x').acquire(); "
-                               "print('held', flush=True); time.sleep(600)", str(folder)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'x').acquire(); "
+            "print('held', flush=True); time.sleep(600)",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(Exception, match=f"in use by x running as process {holder.pid}"):
+    with pytest.raises(RecipeError, match=f"in use by x running as process {holder.pid}"):
         FolderLock(folder, "x").acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -91,11 +107,18 @@ def test_lock_refuses_a_second_holder_and_a_killed_holder_leaves_nothing_stuck(t
 def test_two_trainings_into_one_folder_the_second_is_refused_and_nothing_is_lost(tmp_path, tiny_llama, alpaca_file):
     """Two terminals, one recipe: the second start is refused naming the first; kill -9 of the first, then
     --resume, still works (the lock dies with its holder)."""
-    raw = recipe_dict(tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 150, "save_steps": 2, "eval_steps": None})
+    raw = recipe_dict(
+        tiny_llama, alpaca_file, tmp_path / "run", train={"max_steps": 300, "save_steps": 5, "eval_steps": None}
+    )
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "QTUNE_SAMPLE_TRACE": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "qtune", "train", str(recipe)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "qtune", "train", str(recipe)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     trace = tmp_path / "run" / "sample_trace" / "steps-rank-0.jsonl"
     deadline = time.time() + 300
     while not (trace.is_file() and len(trace.read_text().splitlines()) >= 3):
@@ -112,17 +135,25 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_nothing_is_lost
     resumed = cli("train", recipe, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    assert any((tmp_path / "run" / "checkpoints").glob("checkpoint-150"))
+    assert any((tmp_path / "run" / "checkpoints").glob("checkpoint-300"))
 
 
 def test_an_export_into_a_folder_another_export_holds_is_refused(tmp_path, llama_run, run_cli):
     out = tmp_path / "export"
     code, _, err = run_cli("export", llama_run, "--format", "adapter", "--out", out, "--eval-samples", "2")
     assert code == 0, err
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'a qtune export')"
-                               ".acquire(); print('held', flush=True); time.sleep(600)", str(out)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'a qtune export')"
+            ".acquire(); print('held', flush=True); time.sleep(600)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(out)
@@ -141,4 +172,3 @@ def test_export_never_writes_into_a_folder_qtune_did_not_create(tmp_path, llama_
     before = snapshot(mine)
     code, _, err = run_cli("export", llama_run, "--format", "adapter", "--out", mine)
     assert code == RECIPE and "did not create" in err and snapshot(mine) == before
-

@@ -7,12 +7,10 @@ no traceback, and no output folder (or the user's folder untouched).
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import recipe_dict, write_jsonl, write_recipe
+from conftest import recipe_dict, write_recipe
 
 RECIPE, DATA, ENVIRONMENT, INTEGRITY = 2, 3, 4, 5
 
@@ -69,34 +67,64 @@ CASES = {
     "quant type typo": (set_to("quant.type", "nf5"), RECIPE, "nf4"),
     "format typo": (set_to("data.datasets.0.format", "alpca"), RECIPE, "alpaca"),
     "optimizer typo": (set_to("train.optimizer", "adamw"), RECIPE, "train.optimizer"),
-    "remote code unpinned": (lambda raw, tmp: raw["model"].update(trust_remote_code=True, revision="main"), RECIPE,
-                             "trust_remote_code"),
-    "two validation sources": (set_to("data.val_datasets", [{"path": "v.jsonl", "format": "alpaca"}]), RECIPE, "val_size"),
+    "remote code unpinned": (
+        lambda raw, tmp: raw["model"].update(trust_remote_code=True, revision="main"),
+        RECIPE,
+        "trust_remote_code",
+    ),
+    "two validation sources": (
+        set_to("data.val_datasets", [{"path": "v.jsonl", "format": "alpaca"}]),
+        RECIPE,
+        "val_size",
+    ),
     "no targets match": (set_to("lora.target_modules", ["qkv"]), RECIPE, "match no layer"),
     # data
     "missing data file": (set_to("data.datasets.0.path", "/nonexistent/train.jsonl"), DATA, "/nonexistent/train.jsonl"),
     "empty data file": (data_file("empty.jsonl", ""), DATA, "empty.jsonl"),
     "bad json line 3": (data_file("bad.jsonl", alpaca_lines(GOOD, GOOD) + "{not json\n"), DATA, "line 3"),
     "missing column": (data_file("cols.jsonl", alpaca_lines({"instruction": "x", "answer": "y"})), DATA, "output"),
-    "zero supervised tokens": (data_file("zero.jsonl", alpaca_lines(*[{"instruction": "x " * 200, "output": "y"}] * 20)), DATA,
-                               "supervised"),
-    "non-utf8 bytes": (data_file("latin.jsonl", alpaca_lines(GOOD).encode() + b'{"instruction": "caf\xe9", "output": "x"}\n'),
-                       DATA, "line 2"),
+    "zero supervised tokens": (
+        data_file("zero.jsonl", alpaca_lines(*[{"instruction": "x " * 200, "output": "y"}] * 20)),
+        DATA,
+        "supervised",
+    ),
+    "non-utf8 bytes": (
+        data_file("latin.jsonl", alpaca_lines(GOOD).encode() + b'{"instruction": "caf\xe9", "output": "x"}\n'),
+        DATA,
+        "line 2",
+    ),
     "one giant line": (data_file("giant.jsonl", "{" + "x" * 5_000_000), DATA, "line 1"),
-    "wrong value type": (data_file("types.jsonl", alpaca_lines(GOOD, {"instruction": ["a"], "output": "b"})), DATA, "row 2"),
+    "wrong value type": (
+        data_file("types.jsonl", alpaca_lines(GOOD, {"instruction": ["a"], "output": "b"})),
+        DATA,
+        "row 2",
+    ),
     "unsupported file type": (data_file("data.docx", "hello"), DATA, "data.docx"),
-    "unknown role": (data_file("roles.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n", "messages"),
-                     DATA, "wizard"),
-    "column map to nothing": (lambda raw, tmp: raw["data"]["datasets"][0].update(columns={"output": "reply"}), DATA, "reply"),
+    "unknown role": (
+        data_file("roles.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n", "messages"),
+        DATA,
+        "wizard",
+    ),
+    "column map to nothing": (
+        lambda raw, tmp: raw["data"]["datasets"][0].update(columns={"output": "reply"}),
+        DATA,
+        "reply",
+    ),
     "text column missing": (data_file("text.jsonl", alpaca_lines(GOOD), "text"), DATA, "text"),
     # environment
     "missing model folder": (set_to("model.name", "/nonexistent/model"), ENVIRONMENT, "/nonexistent/model"),
-    "model folder without config": (lambda raw, tmp: (tmp / "empty-model").mkdir() or raw["model"].update(name=str(tmp / "empty-model")),
-                                    ENVIRONMENT, "empty-model"),
+    "model folder without config": (
+        lambda raw, tmp: (tmp / "empty-model").mkdir() or raw["model"].update(name=str(tmp / "empty-model")),
+        ENVIRONMENT,
+        "empty-model",
+    ),
     "fp16 needs a GPU": (set_to("quant.compute_dtype", "fp16"), RECIPE, "needs a GPU"),
     "output dir not writable": (set_to("train.output_dir", "/proc/qtune-run"), ENVIRONMENT, "/proc/qtune-run"),
-    "output dir is a file": (lambda raw, tmp: ((tmp / "afile").write_text("x"), raw["train"].update(output_dir=str(tmp / "afile"))),
-                             RECIPE, "afile"),
+    "output dir is a file": (
+        lambda raw, tmp: ((tmp / "afile").write_text("x"), raw["train"].update(output_dir=str(tmp / "afile"))),
+        RECIPE,
+        "afile",
+    ),
 }
 
 
@@ -116,12 +144,15 @@ def test_one_clear_line_exit_code_and_no_output(tmp_path, tiny_llama, alpaca_fil
     assert not out.exists()
 
 
-@pytest.mark.parametrize("text, named", [
-    ("", "empty"),
-    ("model: {name: x\n", "line"),
-    ("!!python/object/apply:os.system ['touch /tmp/qtune-pwned']\n", "YAML"),
-    ("- a\n- b\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("", "empty"),
+        ("model: {name: x\n", "line"),
+        ("!!python/object/apply:os.system ['touch /tmp/qtune-pwned']\n", "YAML"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
 def test_broken_recipe_files_through_the_cli(tmp_path, run_cli, text, named):
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -152,16 +183,16 @@ def test_existing_folder_and_resume_cases(tmp_path, tiny_llama, alpaca_file, run
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
-def test_recipe_errors_answer_fast_without_torch(tmp_path, tiny_llama, alpaca_file):
-    """Recipe mistakes are reported before torch is imported: under 2 s in a fresh process."""
-    probe = ("import sys, time; t = time.perf_counter(); from qtune.cli import main; code = main(['train', sys.argv[1]]); "
-             "print(code, 'torch' in sys.modules, time.perf_counter() - t)")
+def test_recipe_errors_answer_before_any_heavy_import(tmp_path, tiny_llama, alpaca_file):
+    """Recipe mistakes are reported before torch (or transformers, trl, datasets) is imported: at once."""
+    probe = (
+        "import sys; from qtune.cli import main; code = main(['train', sys.argv[1]]); "
+        "print(code, any(m in sys.modules for m in ('torch', 'transformers', 'trl', 'datasets')))"
+    )
     for case in ("typo lora", "rank zero", "format typo"):
         raw = recipe_dict(tiny_llama, alpaca_file, tmp_path / "run")
         CASES[case][0](raw, tmp_path)
         recipe = write_recipe(tmp_path / f"{case}.yaml", raw)
-        started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True)
-        code, torch_loaded, _ = done.stdout.split()
-        assert code == "2" and torch_loaded == "False"
-        assert time.perf_counter() - started < 2.0
+        code, heavy_loaded = done.stdout.split()
+        assert code == "2" and heavy_loaded == "False"

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import recipe_dict, write_recipe
 from hub_server import READ_ONLY_TOKEN, FakeHub
 
@@ -68,8 +67,9 @@ def assert_canary_absent(hub, folders):
         for path in folder.rglob("*"):
             if path.is_file():
                 assert CANARY.encode() not in path.read_bytes(), path
-    assert any({k.lower(): v for k, v in r["headers"].items()}.get("authorization") == f"Bearer {CANARY}"
-               for r in hub.requests)
+    assert any(
+        {k.lower(): v for k, v in r["headers"].items()}.get("authorization") == f"Bearer {CANARY}" for r in hub.requests
+    )
 
 
 def test_public_only_when_asked(hub, llama_run, run_cli):
@@ -111,14 +111,24 @@ def test_push_what_needs_the_export(hub, llama_run, run_cli):
 def test_checkpoints_on_the_hub_resume_a_lost_run(hub, tmp_path, pretrained_llama, alpaca_file, run_cli, monkeypatch):
     """Colab: train with checkpoints pushed, lose the machine, resume on a new one from the Hub alone."""
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
-    raw = recipe_dict(pretrained_llama, alpaca_file, tmp_path / "full", lora={"dropout": 0.1},
-                      log={"report_to": ["wandb", "tensorboard"]},
-                      hub={"repo_id": "someone/colab-run", "push_checkpoints": True})
+    raw = recipe_dict(
+        pretrained_llama,
+        alpaca_file,
+        tmp_path / "full",
+        lora={"dropout": 0.1},
+        log={"report_to": ["wandb", "tensorboard"]},
+        hub={"repo_id": "someone/colab-run", "push_checkpoints": True},
+    )
     code, _, err = run_cli("train", write_recipe(tmp_path / "full.yaml", raw))
     assert code == 0, err
     files = hub.repos["someone/colab-run"]["files"]
-    assert {"checkpoints/checkpoint-3/adapter_model.safetensors", "checkpoints/checkpoint-6/optimizer.pt",
-            "checkpoints/recipe.yaml", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert {
+        "checkpoints/checkpoint-3/adapter_model.safetensors",
+        "checkpoints/checkpoint-6/optimizer.pt",
+        "checkpoints/recipe.yaml",
+        "adapter_model.safetensors",
+        "README.md",
+    } <= set(files)
 
     # The new machine has nothing but the recipe; the hub holds checkpoint-6 as newest, so roll it back to
     # what it held after step 3 to have steps left to run.

@@ -7,7 +7,7 @@ Slow and needs llama-cpp-python, a source package that builds for ~8 minutes on 
 import numpy as np
 import pytest
 
-from qtune import export
+from qtune.export.run import export
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 def exported(request, tmp_path_factory):
     run = request.getfixturevalue("llama_run" if request.param == "bpe" else "spm_llama_run")
     out = tmp_path_factory.mktemp("gguf")
-    export.run(run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2,
-               echo=lambda *_: None)
+    export(
+        run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2, echo=lambda *_: None
+    )
     return out
 
 
@@ -29,7 +30,9 @@ def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
 
     llm = llama_cpp.Llama(model_path=str(exported / f"model-{quant}.gguf"), n_ctx=256, logits_all=True, verbose=False)
     hf_tokenizer = AutoTokenizer.from_pretrained(exported / "merged-fp16")
-    text = "Below is an instruction that describes a task.\n\n### Instruction:\nReverse the word.\n\n### Input:\napple ünï"
+    text = (
+        "Below is an instruction that describes a task.\n\n### Instruction:\nReverse the word.\n\n### Input:\napple ünï"
+    )
     ids = hf_tokenizer(text).input_ids
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
 
@@ -39,10 +42,15 @@ def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
     with torch.no_grad():
         hf_logits = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert cpp_logits.shape == hf_logits.shape
-    print(f"llama.cpp {quant}: max |Δlogit| {np.abs(cpp_logits - hf_logits).max():.4f}, "
-          f"top-1 agreement {(cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean():.4f}")
+    print(
+        f"llama.cpp {quant}: max |Δlogit| {np.abs(cpp_logits - hf_logits).max():.4f}, "
+        f"top-1 agreement {(cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean():.4f}"
+    )
     assert np.abs(cpp_logits - hf_logits).max() < tolerance
     assert (cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean() >= (0.99 if quant != "q4_0" else 0.8)
 
     completion = llm.create_completion(text + "\n\n### Response:\n", max_tokens=8, temperature=0.0)
-    assert completion["choices"][0]["text"] is not None
+    assert completion["usage"]["completion_tokens"] > 0 and completion["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )

@@ -58,7 +58,9 @@ def per_sample_reference(model, samples):
 def assert_close(loss, grads, reference):
     ref_loss, ref_grads = reference
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    worst = max((grads[n] - ref_grads[n]).abs().max().item() / (ref_grads[n].abs().max().item() + 1e-12) for n in ref_grads)
+    worst = max(
+        (grads[n] - ref_grads[n]).abs().max().item() / (ref_grads[n].abs().max().item() + 1e-12) for n in ref_grads
+    )
     assert worst < 1e-4, f"largest relative gradient difference {worst:.2e}"
 
 
@@ -88,8 +90,9 @@ def test_packed_batch_equals_per_sample_computation(lora_model, samples):
     lora_model.zero_grad()
     logits = lora_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum") / int((targets != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    ) / int((targets != IGNORE).sum())
     loss.backward()
     assert_close(loss.item(), lora_grads(lora_model), reference)
 
@@ -99,7 +102,11 @@ def test_packing_controls_show_cross_sample_attention(lora_model, samples, leak)
     """Why the collator sends no attention mask and the loss runs without a cache: either one and transformers
     falls back to a plain causal mask over the whole row, and samples see each other."""
     batch = PackedCollator(pad_token_id=0, row_tokens=96)(samples)
-    extra = {"attention_mask": torch.ones_like(batch["input_ids"]), "use_cache": False} if leak == "attention_mask" else {"use_cache": True}
+    extra = (
+        {"attention_mask": torch.ones_like(batch["input_ids"]), "use_cache": False}
+        if leak == "attention_mask"
+        else {"use_cache": True}
+    )
     with torch.no_grad():
         right = lora_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         wrong = lora_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **extra).logits
@@ -146,13 +153,27 @@ def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samp
     from datasets import Dataset
     from trl import SFTConfig
 
-    from qtune.finetune import sft_trainer_class
+    from qtune.training.trainer import QtuneSFTTrainer
 
-    dataset = Dataset.from_dict({"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]})
-    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128,
-                       per_device_train_batch_size=len(samples), gradient_checkpointing=False)
-    trainer = sft_trainer_class()(model=lora_model, args=config, train_dataset=dataset, processing_class=tiny_tokenizer,
-                                  data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=96))
+    dataset = Dataset.from_dict(
+        {"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]}
+    )
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_length=128,
+        per_device_train_batch_size=len(samples),
+        gradient_checkpointing=False,
+    )
+    trainer = QtuneSFTTrainer(
+        model=lora_model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+        data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=96),
+    )
     for name, param in lora_model.named_parameters():  # trl casts LoRA weights to bf16 on quantized models only
         assert param.dtype == torch.float32, name
     reference = per_sample_reference(lora_model, samples)
@@ -171,19 +192,35 @@ def test_row_by_row_backward_equals_the_plain_computation(lora_model, samples, t
     from datasets import Dataset
     from trl import SFTConfig
 
-    from qtune.finetune import sft_trainer_class
+    from qtune.training.trainer import QtuneSFTTrainer
 
-    dataset = Dataset.from_dict({"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]})
-    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128,
-                       per_device_train_batch_size=len(samples), gradient_checkpointing=False)
-    trainer = sft_trainer_class()(model=lora_model, args=config, train_dataset=dataset, processing_class=tiny_tokenizer,
-                                  data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=64))
+    dataset = Dataset.from_dict(
+        {"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]}
+    )
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_length=128,
+        per_device_train_batch_size=len(samples),
+        gradient_checkpointing=False,
+    )
+    trainer = QtuneSFTTrainer(
+        model=lora_model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+        data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=64),
+    )
     trainer.create_optimizer()
     reference = per_sample_reference(lora_model, samples)
     batch = trainer.data_collator(samples)
     assert batch["input_ids"].shape[0] >= 3
     lora_model.zero_grad()
-    loss = trainer.training_step(lora_model, dict(batch), num_items_in_batch=torch.tensor(int((batch["labels"] != IGNORE).sum())))
+    loss = trainer.training_step(
+        lora_model, dict(batch), num_items_in_batch=torch.tensor(int((batch["labels"] != IGNORE).sum()))
+    )
     assert_close(loss.item(), lora_grads(lora_model), reference)
 
 
@@ -197,8 +234,9 @@ def test_lean_lora_dropout_equals_peft_dropout(pretrained_qwen2):
     def build():
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(pretrained_qwen2, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear",
-                                                init_lora_weights=False))
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+        )
         model.train()
         return model
 

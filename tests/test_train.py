@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import recipe_dict, write_jsonl, write_recipe
 from safetensors.torch import load_file
 
-from conftest import recipe_dict, write_jsonl, write_recipe
-from qtune import finetune
 from qtune.recipe import validate_recipe
 from qtune.run_dir import claimed_run
+from qtune.training.run import fit, prepare
 
 
 def lora_state(path):
@@ -24,8 +24,16 @@ def test_cli_train_end_to_end(tmp_path, tiny_llama, alpaca_file, run_cli):
     code, stdout, stderr = run_cli("train", recipe)
     assert code == 0, stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("train_loss", "eval_loss_before", "eval_loss", "eval_perplexity", "global_step", "train_tokens",
-                "tokens_per_second", "peak_memory_bytes"):
+    for key in (
+        "train_loss",
+        "eval_loss_before",
+        "eval_loss",
+        "eval_perplexity",
+        "global_step",
+        "train_tokens",
+        "tokens_per_second",
+        "peak_memory_bytes",
+    ):
         assert metrics[key] is not None, key
     assert metrics["global_step"] == 8
     assert metrics["compute_dtype"] == "fp32"  # CPU: auto must pick fp32
@@ -33,10 +41,16 @@ def test_cli_train_end_to_end(tmp_path, tiny_llama, alpaca_file, run_cli):
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)
     assert metrics["train_tokens"] > 0 and metrics["tokens_per_second"] > 0
     assert metrics["peak_memory_bytes"] > 10 * 2**20
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in (out / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {
+        p.name for p in (out / "adapter").iterdir()
+    }
     assert (out / "loss.png").stat().st_size > 1000
     assert validate_recipe(__import__("yaml").safe_load((out / "recipe.yaml").read_text())).train.max_steps == 8
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
     assert "eval loss" in stdout and "->" in stdout
 
 
@@ -46,30 +60,31 @@ def train_in_process(recipe_raw):
     run_dir = Path(recipe.train.output_dir)
     with claimed_run(run_dir, resume=False, overwrite=False):
         pass
-    trainer, prepared, checkpoint, use_cpu = finetune.prepare(recipe, run_dir, resume=False, echo=lambda *_: None)
-    return recipe, run_dir, trainer, prepared, checkpoint, use_cpu
+    return recipe, run_dir, prepare(recipe, run_dir, resume=False, echo=lambda *_: None)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_training_changes_every_lora_weight_and_the_adapter_reloads(tmp_path, family, tiny_llama, tiny_qwen2, alpaca_file):
+def test_training_changes_every_lora_weight_and_the_adapter_reloads(
+    tmp_path, family, tiny_llama, tiny_qwen2, alpaca_file
+):
     from peft import PeftModel
 
     from qtune.model import load_base
 
     model_dir = tiny_llama if family == "llama" else tiny_qwen2
-    recipe, run_dir, trainer, prepared, checkpoint, use_cpu = train_in_process(
+    recipe, run_dir, prepared = train_in_process(
         recipe_dict(model_dir, alpaca_file, tmp_path / "run", lora={"dropout": 0.05})
     )
-    model = trainer.model
+    model = prepared.trainer.model
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())  # trl's bf16 cast undone
 
-    metrics = finetune.fit(recipe, run_dir, trainer, prepared, checkpoint, use_cpu, resume=False, echo=lambda *_: None)
+    metrics = fit(recipe, run_dir, prepared, echo=lambda *_: None)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), trainable[n])]
     assert unchanged == []
 
-    batch = torch.tensor(prepared.val[0]["input_ids"])[None]
+    batch = torch.tensor(prepared.data.val[0]["input_ids"])[None]
     model.eval()
     with torch.no_grad():
         trained_logits = model(input_ids=batch).logits
@@ -108,9 +123,14 @@ def test_resume_gives_the_same_losses_and_adapter(tmp_path, tiny_llama, alpaca_f
 
 def test_messages_training_with_trackers(tmp_path, tiny_llama, messages_file, run_cli):
     out = tmp_path / "run"
-    raw = recipe_dict(tiny_llama, messages_file, out, fmt="messages",
-                      log={"report_to": ["wandb", "tensorboard"], "project": "qtune-tests"},
-                      lora={"use_rslora": True})
+    raw = recipe_dict(
+        tiny_llama,
+        messages_file,
+        out,
+        fmt="messages",
+        log={"report_to": ["wandb", "tensorboard"], "project": "qtune-tests"},
+        lora={"use_rslora": True},
+    )
     code, _, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
     wandb_runs = list((out / "wandb").glob("offline-run-*"))
@@ -127,7 +147,9 @@ def test_messages_training_with_trackers(tmp_path, tiny_llama, messages_file, ru
 
 def test_dora_trains(tmp_path, tiny_qwen2, alpaca_file, run_cli):
     out = tmp_path / "run"
-    raw = recipe_dict(tiny_qwen2, alpaca_file, out, lora={"use_dora": True}, train={"max_steps": 3, "optimizer": "adamw_torch"})
+    raw = recipe_dict(
+        tiny_qwen2, alpaca_file, out, lora={"use_dora": True}, train={"max_steps": 3, "optimizer": "adamw_torch"}
+    )
     code, _, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
     assert any("lora_magnitude_vector" in k for k in lora_state(out / "adapter"))
@@ -143,8 +165,13 @@ def test_dora_trains(tmp_path, tiny_qwen2, alpaca_file, run_cli):
         (lambda r, d: r["model"].update(name=str(d / "no-model")), 4, "model folder not found"),
         (lambda r, d: r["lora"].update(target_modules=["qkv"]), 2, "match no layer"),
         (lambda r, d: r["train"].update(extra={"warmup_step": 3}), 2, "did you mean 'warmup_steps'"),
-        (lambda r, d: r["data"]["datasets"][0].update(path=str(write_jsonl(d / "bad.jsonl", [{"instruction": "x"}]))), 3,
-         "column 'output' missing"),
+        (
+            lambda r, d: r["data"]["datasets"][0].update(
+                path=str(write_jsonl(d / "bad.jsonl", [{"instruction": "x"}]))
+            ),
+            3,
+            "column 'output' missing",
+        ),
     ],
 )
 def test_user_errors_leave_no_output_dir(tmp_path, tiny_llama, alpaca_file, run_cli, change, code, message):

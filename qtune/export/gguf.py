@@ -12,8 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from qtune.data import alpaca_prompt
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError
+from qtune.fsutil import publish, staging_dir_for
+from qtune.testhooks import fault_point
+from qtune.weights import checkpoint_tensors
 
+# llama.cpp architecture per transformers model_type; Mistral is written as llama, as llama.cpp's converter does.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
@@ -22,9 +27,11 @@ def permute_for_llama_rotary(weights: np.ndarray, n_head: int, n_head_kv: int | 
     (the same permutation as llama.cpp's convert_hf_to_gguf.py)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def read_tensor(location: dict[str, Path], name: str) -> np.ndarray:
@@ -61,7 +68,9 @@ def vocabulary(merged_dir: Path, tokenizer):
         # piece has the highest score; gguf-py's LlamaHfVocab gives every piece the same placeholder score
         # (-1000), which makes that order arbitrary and the tokenization wrong. A piece made by BPE merge i
         # gets score -i, so the merge order is kept (tests/test_export.py::test_sentencepiece_vocabulary_in_gguf).
-        rank = {"".join(m if not isinstance(m, str) else m.split(" ")): i for i, m in enumerate(model.get("merges", []))}
+        rank = {
+            "".join(m if not isinstance(m, str) else m.split(" ")): i for i, m in enumerate(model.get("merges", []))
+        }
         tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
         scores, types = [], []
         for index, token in enumerate(tokens):
@@ -96,19 +105,23 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    from qtune.export import checkpoint_tensors, fault_point, publish, staging_dir_for
-
     config = AutoConfig.from_pretrained(merged_dir)
     model_type = config.model_type
     if model_type not in GGUF_ARCHITECTURES:
-        raise QtuneError(f"GGUF export does not support the '{model_type}' architecture",
-                         fix=f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}", code=EXIT_ENVIRONMENT)
+        raise QtuneError(
+            f"GGUF export does not support the '{model_type}' architecture",
+            fix=f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}",
+            code=EXIT_ENVIRONMENT,
+        )
     arch = GGUF_ARCHITECTURES[model_type]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer_model, tokens, scores, types, merges = vocabulary(merged_dir, tokenizer)
     qtype = getattr(gguf.GGMLQuantizationType, quant)
-    file_type = {"F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+    file_type = {
+        "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[quant]
 
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -121,8 +134,11 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     for hf_name in location:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise QtuneError(f"no GGUF name for tensor '{hf_name}'", fix="this model layout is not supported for GGUF",
-                             code=EXIT_ENVIRONMENT)
+            raise QtuneError(
+                f"no GGUF name for tensor '{hf_name}'",
+                fix="this model layout is not supported for GGUF",
+                code=EXIT_ENVIRONMENT,
+            )
         plan.append((gguf_name, hf_name, tensor_type(hf_name, location, qtype)))
 
     staging = staging_dir_for(target)
@@ -147,11 +163,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         writer.add_token_types(types)
         if scores is not None:
             writer.add_token_scores(scores)
-        if merges:
-            writer.add_token_merges(merges)
-        add_special_tokens(writer, tokenizer, config)
-        if tokenizer.chat_template:
-            writer.add_chat_template(tokenizer.chat_template)
+        add_special_tokens(writer, merged_dir, tokenizer, merges)
 
         shapes = {}
         for gguf_name, hf_name, ggml_type in plan:
@@ -159,14 +171,18 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
             shapes[hf_name] = shape
             if ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 dtype = np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16
-                writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                writer.add_tensor_info(
+                    gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize
+                )
             else:
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, ggml_type)
-                writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=ggml_type)
+                writer.add_tensor_info(
+                    gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=ggml_type
+                )
         writer.write_header_to_file(path=staging)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for index, (gguf_name, hf_name, ggml_type) in enumerate(plan):
+        for index, (_, hf_name, ggml_type) in enumerate(plan):
             data = read_tensor(location, hf_name)
             if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
                 data = permute_for_llama_rotary(data, heads, heads)
@@ -217,20 +233,27 @@ def tensor_type(hf_name: str, location: dict[str, Path], qtype):
     return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
 
-def add_special_tokens(writer, tokenizer, config) -> None:
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    if tokenizer.unk_token_id is not None:
-        writer.add_unk_token_id(tokenizer.unk_token_id)
+def add_special_tokens(writer, merged_dir: Path, tokenizer, merges: list[str] | None) -> None:
+    """Merges, special token ids, add-bos/eos flags and the chat template, through gguf-py's own SpecialVocab (as
+    llama.cpp's converter does). Where tokenizer_config.json does not say whether BOS / EOS are added (transformers 5
+    often leaves add_bos_token out), the tokenizer is asked: what it does to "a" is what llama.cpp must do."""
+    import gguf
+
+    special = gguf.SpecialVocab(merged_dir, load_merges=False, n_vocab=len(tokenizer))
+    if merges:
+        special.merges = merges  # the vocabulary's own merges, already read (gpt2-style vocabularies only)
+    for kind in ("bos", "eos", "pad", "unk"):  # a special token that is not an added token is not found by SpecialVocab
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            special.special_token_ids.setdefault(kind, token_id)
     probe = tokenizer("a").input_ids
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if end_of_turn is not None:
-        writer.add_eot_token_id(end_of_turn)
+    special.add_special_token.setdefault("bos", bool(probe) and probe[0] == tokenizer.bos_token_id)
+    special.add_special_token.setdefault("eos", bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    if tokenizer.chat_template and special.chat_template is None:
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+    if "<|im_end|>" in tokenizer.get_vocab():
+        writer.add_eot_token_id(tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
 # --------------------------------------------------------------------------- Ollama
@@ -238,29 +261,29 @@ def add_special_tokens(writer, tokenizer, config) -> None:
 
 OLLAMA_TEMPLATES = {
     "chatml": (
-        '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
+        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
         ["<|im_end|>"],
     ),
     "llama3": (
-        '{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
-        '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
-        '<|start_header_id|>assistant<|end_header_id|>\n\n',
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
         ["<|eot_id|>"],
     ),
-    "mistral": ("{{- range .Messages }}{{ if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]{{ else }}{{ .Content }}</s>{{ end }}{{ end }}",
-                ["[INST]", "</s>"]),
+    "mistral": (
+        '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]{{ else }}{{ .Content }}</s>{{ end }}{{ end }}',
+        ["[INST]", "</s>"],
+    ),
 }
 
 
 def ollama_modelfile(gguf_name: str, tokenizer, trained_on_alpaca: bool) -> str:
     """FROM, TEMPLATE (the chat format the model was trained with) and stop tokens."""
-    from qtune.data import ALPACA_NO_INPUT
-
     template_text = tokenizer.chat_template or ""
     stops = [tokenizer.eos_token]
     if trained_on_alpaca:
-        template = ALPACA_NO_INPUT.replace("{instruction}", "{{ .Prompt }}") + "{{ .Response }}"
+        template = alpaca_prompt("{{ .Prompt }}") + "{{ .Response }}"
     elif "<|im_start|>" in template_text:
         template, extra = OLLAMA_TEMPLATES["chatml"]
         stops += extra

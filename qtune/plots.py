@@ -1,0 +1,24 @@
+"""Charts written as PNG files (loss curves, the quantize report), without a display."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def saved_figure(path: Path, size: tuple[float, float] = (7, 4)):
+    """Yields a matplotlib axis; the figure is written to `path` and closed when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=size)
+    try:
+        yield axis
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)

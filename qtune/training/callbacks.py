@@ -1,0 +1,141 @@
+"""What qtune adds to the Trainer's loop, as Trainer callbacks: the progress bar, stopping cleanly on SIGTERM or
+Ctrl-C, pushing each checkpoint to the Hub, and following the free CPU cores."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from qtune import hub
+from qtune.cpu_threads import FreeCoreThreads
+
+
+class LossProgress(ProgressCallback):
+    """The stock tqdm bar (steps, ETA) with loss, lr and tokens/s on it instead of printed dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = None  # (time, num_tokens) at the previous log
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass  # a second bar per evaluation is noise; the eval result is printed as one line
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        bar = self.training_bar
+        if "eval_loss" in logs:
+            line = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
+            (bar.write if bar is not None else print)(line)
+            return
+        if "train_runtime" in logs:
+            return  # the Trainer's closing summary: the rate over the whole run is qtune's last line
+        postfix = {}
+        if "loss" in logs:
+            postfix["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            postfix["lr"] = f"{logs['learning_rate']:.2e}"
+        if "num_input_tokens_seen" in logs:
+            now = (time.perf_counter(), logs["num_input_tokens_seen"])
+            if self.last is not None and now[0] > self.last[0] and now[1] > self.last[1]:
+                postfix["tok/s"] = f"{(now[1] - self.last[1]) / (now[0] - self.last[0]):.0f}"
+            self.last = now
+        if bar is not None and postfix:
+            bar.set_postfix(postfix, refresh=False)
+
+
+def close_progress_bars(trainer) -> None:
+    """After an exception the Trainer never closes its bar, and the error line would land at the end of it."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
+class StoppedDuringEvaluation(Exception):
+    pass
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM (preemption) or Ctrl-C: finish the step, save a checkpoint, exit 75. A second signal exits at once."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+
+    def install(self) -> GracefulStop:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals only reach the main thread (a notebook's worker thread has none)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            os._exit(128 + signum)  # asked twice: the user means now
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"\nqtune: {self.signal_name}: saving a checkpoint at the end of this step, then stopping "
+            f"(again to quit now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agreed(args):
+            control.should_save, control.should_training_stop = True, True
+            control.should_evaluate = False
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.signal_name is not None:
+            raise StoppedDuringEvaluation()
+
+    def agreed(self, args) -> bool:
+        """Under DDP every rank must stop at the same step, or the others wait forever for the stopped one."""
+        if args.world_size <= 1:
+            return self.signal_name is not None
+        flag = torch.tensor([1 if self.signal_name else 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "SIGTERM"
+        return bool(flag.item())
+
+
+class CheckpointPusher(TrainerCallback):
+    """Each checkpoint to the Hub as soon as it is saved, so a killed Colab run resumes elsewhere."""
+
+    def __init__(self, repo_id: str, private: bool, run_dir: Path):
+        self.repo_id, self.private, self.run_dir = repo_id, private, run_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            hub.push_checkpoint(self.repo_id, checkpoint, self.run_dir, private=self.private)
+
+
+class FollowFreeCores(TrainerCallback):
+    """Re-sizes the CPU thread pool when a neighbour process starts or stops (qtune/cpu_threads.py says why)."""
+
+    def __init__(self, threads: FreeCoreThreads):
+        self.threads = threads
+        threads.echo = tqdm.write  # a line above the progress bar, not through it
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.threads.recheck()

@@ -1,0 +1,124 @@
+"""From the recipe to trl's SFTConfig, and the two decisions the memory plan makes before the model loads:
+whether to recompute activations (`gradient_checkpointing: auto`) and whether to warn of an out-of-memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+
+import psutil
+import torch
+from trl import SFTConfig
+
+from qtune.errors import QtuneError, RecipeError
+from qtune.plan import oom_warning, plan_training
+from qtune.recipe import LogSection, Recipe, TrainSection
+from qtune.run_dir import CHECKPOINTS
+
+
+def build_sft_config(
+    train: TrainSection,
+    log: LogSection,
+    *,
+    run_dir: Path,
+    compute_dtype,
+    has_eval: bool,
+    max_length: int,
+    use_cpu: bool,
+    eval_before: bool = False,
+):
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(train.extra) - known)
+    if unknown:
+        guess = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean '{guess[0]}'?" if guess else "see trl's SFTConfig for the field names"
+        raise RecipeError(f"train.extra has unknown SFTConfig field '{unknown[0]}'", fix=hint)
+    eval_every = train.eval_steps if has_eval and train.eval_steps else None
+    settings = dict(
+        output_dir=str(run_dir / CHECKPOINTS),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        seed=train.seed,
+        data_seed=train.seed,
+        # The loss before training comes from the Trainer's own eval at step 0. A trainer.evaluate() call before
+        # train() marks the model as prepared for accelerate, which then never wraps it in DDP: every rank would
+        # train alone (tests/test_distributed.py checks the adapters of both ranks are identical).
+        eval_on_start=eval_before,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=None,  # qtune rotates, after the new checkpoint is complete (checkpoints.rotate)
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        report_to=[r for r in log.report_to if r != "tensorboard"] or "none",
+        project=log.project,
+        run_name=log.run_name or run_dir.name,
+        # trl defaults to bf16 autocast, which crashes with 4-bit layers on CPU: the dtype is ours to choose.
+        bf16=compute_dtype == torch.bfloat16 and not use_cpu,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=use_cpu,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=max_length,
+        packing=False,
+        include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
+        dataloader_pin_memory=not use_cpu,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass per step
+        prediction_loss_only=True,  # evaluation needs the loss only, not every batch's logits kept
+        disable_tqdm=False,
+    )
+    settings.update(train.extra)
+    try:
+        return SFTConfig(**settings)
+    except (ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(
+            f"the trainer rejects these settings: {first}", fix="check train.extra and the train section"
+        ) from None
+
+
+def warn_if_plan_predicts_oom(recipe: Recipe, echo) -> None:
+    """The memory plan, before the slow model load: a warning only, as the plan is an estimate."""
+    try:
+        message = oom_warning(recipe, torch.cuda.get_device_properties(0).total_memory)
+    except QtuneError:
+        return  # the plan needs config.json; the load below reports a missing model properly
+    if message:
+        echo(message)
+
+
+def resolve_gradient_checkpointing(recipe: Recipe, *, use_cpu: bool, compute_bytes: int, echo) -> bool:
+    """`auto`: recompute only when the memory plan says the run needs it. Recomputing costs a third more compute
+    per token, so it should not be the price of every run (trl turns it on by default)."""
+    setting = recipe.train.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if use_cpu:
+        budget, where = psutil.virtual_memory().available // processes_here, "free RAM"
+    else:
+        budget, where = int(torch.cuda.get_device_properties(0).total_memory * 0.9), "GPU memory (90%)"
+    try:
+        plan = plan_training(
+            recipe, device="cpu" if use_cpu else "cuda", compute_bytes=compute_bytes, budget_bytes=budget
+        )
+    except QtuneError:
+        return True  # no plan (the model load reports why): the safe choice
+    without = plan["training_bytes"] - plan["parts"]["activations"] + plan["activations_without_checkpointing"]
+    echo(
+        f"train: gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'} (auto: the plan predicts "
+        f"{without / 2**30:.1f} GiB without it; {budget / 2**30:.1f} GiB {where})"
+    )
+    return plan["gradient_checkpointing"]

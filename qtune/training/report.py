@@ -1,0 +1,79 @@
+"""What a finished run leaves for the user: the adapter, metrics.json, loss.png and the closing summary."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from pathlib import Path
+
+import psutil
+import torch
+
+from qtune.fsutil import publish
+from qtune.plots import saved_figure
+from qtune.run_dir import ADAPTER, LOSS_PLOT, METRICS
+
+
+def current_rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_memory_bytes(use_cpu: bool) -> int:
+    if not use_cpu and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def compute_dtype_of(trainer):
+    """The compute dtype the base was loaded (and so quantized) in, as its quantization config records it."""
+    config = trainer.model.get_base_model().config.quantization_config
+    dtype = config.bnb_4bit_compute_dtype if not isinstance(config, dict) else config.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype
+
+
+def final_evaluation(trainer) -> dict:
+    """The eval at the last step when the schedule already ran one there, else a fresh one."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == trainer.state.global_step:
+                return entry
+            break
+    return trainer.evaluate()
+
+
+def save_adapter(trainer, target: Path) -> None:
+    """Adapter + tokenizer, written aside and renamed into place so a crash never leaves half of one."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True)
+    trainer.processing_class.save_pretrained(staging)
+    publish(staging, target)
+
+
+def plot_losses(history: list[dict], path: Path, *, eval_before: float | None = None) -> None:
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(0, eval_before)] if eval_before is not None else []
+    evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    with saved_figure(path) as axis:
+        if train:
+            axis.plot(*zip(*train), label="train loss")
+        if evals:
+            axis.plot(*zip(*evals), "o-", label="eval loss")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("loss")
+        axis.legend()
+
+
+def summary(metrics: dict, run_dir: Path) -> str:
+    def fmt(value, spec=".4f"):
+        return "n/a" if value is None else format(value, spec)
+
+    return (
+        f"done: {metrics['global_step']} steps in {metrics['train_seconds']:.1f} s, "
+        f"{fmt(metrics['tokens_per_second'], '.0f')} tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB\n"
+        f"eval loss {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss'])} "
+        f"(perplexity {fmt(metrics['eval_perplexity'], '.2f')}); train loss {fmt(metrics['train_loss'])}\n"
+        f"adapter: {run_dir / ADAPTER}   metrics: {run_dir / METRICS}   curve: {run_dir / LOSS_PLOT}"
+    )

@@ -1,0 +1,273 @@
+"""`qtune train`: recipe in, run folder out. trl's SFTTrainer owns the loop.
+
+Order matters for the user: everything that can be wrong with the recipe, the output folder, the tokenizer or the
+data is found before the (slow) model load, and a failure before training starts leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from qtune import data as data_stage
+from qtune import distributed, hub, testhooks
+from qtune import model as model_stage
+from qtune.checkpoints import MANIFEST
+from qtune.cpu_threads import FreeCoreThreads
+from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, QtuneError
+from qtune.fsutil import write_json_atomically, write_text_atomically
+from qtune.recipe import Recipe, recipe_to_yaml
+from qtune.run_dir import ADAPTER, EVAL_BEFORE, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
+from qtune.training.callbacks import FollowFreeCores, GracefulStop, StoppedDuringEvaluation, close_progress_bars
+from qtune.training.config import build_sft_config, resolve_gradient_checkpointing, warn_if_plan_predicts_oom
+from qtune.training.report import (
+    compute_dtype_of,
+    current_rss_bytes,
+    final_evaluation,
+    peak_memory_bytes,
+    plot_losses,
+    save_adapter,
+    summary,
+)
+from qtune.training.resume import checkpoint_to_resume, tokens_at_checkpoint
+from qtune.training.trainer import build_trainer
+
+
+@dataclass
+class Prepared:
+    """Everything `prepare` sets up for `fit`."""
+
+    trainer: object  # a QtuneSFTTrainer
+    data: data_stage.PreparedData  # the tokenized train / validation splits and their report
+    checkpoint: Path | None  # the checkpoint a resume starts from
+    use_cpu: bool
+    rss_before_model_bytes: int  # the process before the model came in (metrics.json; the memory plan's baseline)
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False, echo=print) -> dict:
+    """Fine-tune as the recipe says, in its locked run folder; returns the metrics also written to metrics.json."""
+    if distributed.rank() != 0:
+        echo = lambda *_: None  # noqa: E731  (one voice: the main process reports)
+    with claimed_run_on_main(recipe, resume=resume, overwrite=overwrite) as claim:
+        run_dir = Path(recipe.train.output_dir).expanduser()
+        try:
+            prepared = prepare(recipe, run_dir, resume=resume, echo=echo, force=force)
+        except BaseException:
+            if claim is not None:
+                claim.abandon()  # a run that never started leaves no folder behind
+            raise
+        return fit(recipe, run_dir, prepared, echo=echo)
+
+
+@contextmanager
+def claimed_run_on_main(recipe: Recipe, *, resume: bool, overwrite: bool):
+    """The main process claims and locks the run folder (or refuses) before any rank reads or writes in it."""
+    if distributed.rank() != 0:
+        distributed.barrier()
+        yield None
+        return
+    with claimed_run(
+        recipe.train.output_dir, resume=resume, overwrite=overwrite, hub_checkpoints=recipe.hub.push_checkpoints
+    ) as claim:
+        distributed.barrier()
+        yield claim
+
+
+@contextmanager
+def env_defaults(**values: str):
+    """Set environment variables the trackers read, only where the user has not, for this run only."""
+    added = [key for key in values if key not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = False) -> Prepared:
+    """Everything before the first step: checkpoint, tokenizer, data, model, trainer. Whatever can be wrong with the
+    recipe, the folder, the tokenizer or the data is found before the (slow) model load."""
+    checkpoint = checkpoint_to_resume(recipe, run_dir, force=force, echo=echo) if resume else None
+    if recipe.hub.repo_id:
+        hub.require_token()  # before hours of training, not after
+    use_cpu = not torch.cuda.is_available()
+    cpu_threads = None
+    if use_cpu:
+        cpu_threads = FreeCoreThreads(echo)
+        cpu_threads.start()
+    compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
+    if not use_cpu:
+        warn_if_plan_predicts_oom(recipe, echo)
+    if use_cpu and recipe.train.optimizer.startswith("paged_"):
+        echo(
+            f"optimizer: {recipe.train.optimizer} pages its state only on a GPU; on CPU bitsandbytes runs it unpaged "
+            "(the same update)"
+        )
+    checkpointing = resolve_gradient_checkpointing(
+        recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo
+    )
+    tokenizer = model_stage.load_tokenizer(recipe.model)
+    if recipe.data.chat_template:
+        tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)
+    data = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    echo(data_stage.describe(data.report))
+
+    config = build_sft_config(
+        recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),
+        recipe.log,
+        run_dir=run_dir,
+        compute_dtype=compute_dtype,
+        has_eval=data.val is not None,
+        max_length=recipe.data.max_length,
+        use_cpu=use_cpu,
+        eval_before=data.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
+    )
+    if distributed.rank() == 0:
+        write_text_atomically(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
+    echo(
+        f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})"
+    )
+    started = time.perf_counter()
+    rss_before_model = current_rss_bytes()
+    base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
+    model_stage.check_vocabulary_fits(base, tokenizer, data)
+    model_stage.align_special_tokens(base, tokenizer)
+
+    # The LoRA init draws from the global RNG: seed it here, or it depends on whatever ran before (under
+    # torchrun the process-group setup does), and two launches of one recipe start from different adapters.
+    set_seed(recipe.train.seed)
+    peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=checkpointing)
+    load_seconds = time.perf_counter() - started
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    echo(
+        f"model: loaded in {load_seconds:.1f} s; LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+
+    with env_defaults(WANDB_DIR=str(run_dir)):
+        trainer = build_trainer(
+            peft_model,
+            tokenizer,
+            config,
+            data,
+            recipe.log,
+            run_dir,
+            recipe.hub,
+            recipe.data.max_length,
+            recipe.train.keep_checkpoints,
+        )
+    if cpu_threads is not None:
+        trainer.add_callback(FollowFreeCores(cpu_threads))
+    return Prepared(trainer, data, checkpoint, use_cpu, rss_before_model)
+
+
+def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
+    step = trainer.state.global_step
+    saved = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if step == 0 or not (saved / MANIFEST).is_file():
+        return QtuneError(
+            f"stopped by {signal_name} before the first checkpoint",
+            where=str(run_dir),
+            fix="start again with --overwrite",
+            code=EXIT_INTERRUPTED,
+        )
+    return QtuneError(
+        f"stopped by {signal_name} at step {step}; {saved.name} is saved",
+        where=str(run_dir),
+        fix="continue with the same command and --resume",
+        code=EXIT_INTERRUPTED,
+    )
+
+
+def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
+    """Train, evaluate, and leave the adapter, metrics.json and loss.png in the run folder."""
+    trainer, data, checkpoint = prepared.trainer, prepared.data, prepared.checkpoint
+    main_process = trainer.is_world_process_zero()
+    has_eval = data.val is not None
+    before_path = run_dir / EVAL_BEFORE
+    tokens_before = tokens_at_checkpoint(checkpoint)  # read now: rotation may delete that checkpoint during training
+    stop = GracefulStop().install()
+    trainer.add_callback(stop)
+    try:
+        with env_defaults(WANDB_DIR=str(run_dir)):
+            if checkpoint is not None:
+                echo(f"resume: continuing from {checkpoint.name}")
+            try:
+                with warnings.catch_warnings():
+                    # bitsandbytes' warning on the first step; qtune said it in its own words before the load
+                    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+                    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            except StoppedDuringEvaluation:
+                if trainer.state.global_step > 0:  # evaluation runs between steps: the state is a step boundary
+                    trainer._save_checkpoint(trainer.model, trial=None)
+            except pickle.UnpicklingError:
+                # The Trainer reads optimizer, scheduler and RNG state with torch.load(weights_only=True): a pickle
+                # that holds anything but tensors and plain containers is refused, never run.
+                raise QtuneError(
+                    f"{checkpoint.name if checkpoint else 'the checkpoint'} holds pickled objects that "
+                    "are not plain tensors: refused",
+                    where=str(checkpoint),
+                    fix="resume from a checkpoint you trust, or start over with --overwrite",
+                    code=EXIT_INTEGRITY,
+                ) from None
+            if trainer.args.eval_on_start and main_process:
+                first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
+                if first_eval is not None:  # kept, so a resumed run does not measure "before" again
+                    write_json_atomically(before_path, {"eval_loss_before": first_eval["eval_loss"]})
+            if stop.signal_name is not None:
+                raise stopped(stop.signal_name, trainer, run_dir)
+    finally:
+        stop.restore()
+        close_progress_bars(trainer)
+    with env_defaults(WANDB_DIR=str(run_dir)):
+        final_eval = final_evaluation(trainer) if has_eval else {}
+        if "wandb" in recipe.log.report_to and main_process:
+            import wandb  # only when asked for: it is slow to import
+
+            if wandb.run is not None:
+                wandb.finish()
+            # wandb keeps the settings of its first run (WANDB_DIR included) for the life of the process: a second
+            # qtune.train() in the same notebook would write into the first run's folder.
+            wandb.teardown()
+    eval_before = json.loads(before_path.read_text())["eval_loss_before"] if before_path.is_file() else None
+    runtime = result.metrics.get("train_runtime") or float("nan")
+    tokens = int(trainer.state.num_input_tokens_seen)
+    session_tokens = tokens - tokens_before
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        "global_step": trainer.state.global_step,
+        "train_tokens": tokens,
+        "train_seconds": runtime,
+        "tokens_per_second": session_tokens / runtime if runtime and runtime > 0 else None,
+        "peak_memory_bytes": peak_memory_bytes(prepared.use_cpu),
+        "peak_memory_kind": "cpu_rss" if prepared.use_cpu or not torch.cuda.is_available() else "cuda_allocated",
+        "rss_before_model_bytes": prepared.rss_before_model_bytes,
+        # The dtype the base was quantized in; export re-creates the same 4-bit weights from it.
+        "compute_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+            compute_dtype_of(trainer)
+        ],
+        "resumed_from": checkpoint.name if checkpoint is not None else None,
+        "data": data.report,
+    }
+    metrics["world_size"] = trainer.args.world_size
+    testhooks.record_final_weights(trainer.model, run_dir, trainer.args.process_index)
+    if main_process:
+        save_adapter(trainer, run_dir / ADAPTER)
+        write_json_atomically(run_dir / METRICS, metrics)
+        plot_losses(trainer.state.log_history, run_dir / LOSS_PLOT, eval_before=eval_before)
+        echo(summary(metrics, run_dir))
+    return metrics

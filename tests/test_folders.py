@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_dict, write_recipe
 
+from qtune.checkpoints import MANIFEST
 from qtune.errors import RecipeError
 from qtune.run_dir import LOCK, MARKER, FolderLock, claimed_run, is_run
 
@@ -119,9 +120,9 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_nothing_is_lost
         stderr=subprocess.PIPE,
         text=True,
     )
-    trace = tmp_path / "run" / "sample_trace" / "steps-rank-0.jsonl"
+    first_checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-5" / MANIFEST
     deadline = time.time() + 300
-    while not (trace.is_file() and len(trace.read_text().splitlines()) >= 3):
+    while not first_checkpoint.is_file():
         assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
         time.sleep(0.05)
     second = cli("train", recipe)

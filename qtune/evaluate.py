@@ -141,8 +141,9 @@ def eval_run(
     ):
         echo(
             f"(training's own eval_loss in metrics.json: {trained_metrics['eval_loss_before']:.4f} -> "
-            f"{trained_metrics['eval_loss']:.4f}, on the same samples; the Trainer averages per-batch means, so it "
-            "differs in the last digits)"
+            f"{trained_metrics['eval_loss']:.4f}, on the same samples; the Trainer averages per-batch means instead of "
+            "weighing every token the same, which moves the figure most where per-token losses spread widely, as on "
+            "an untrained base)"
         )
     report = {"samples": len(chosen), "data": data or "validation split", "models": table}
     write_json_atomically(trained.run_dir / EVAL_REPORT, report)

@@ -147,9 +147,8 @@ def test_fused_loss_is_refused_for_heads_it_would_get_wrong(lora_model):
         head.weight.requires_grad_(False)
 
 
-def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samples, tiny_tokenizer, tmp_path):
-    """The trainer qtune builds, fed one packed micro-batch, against per-sample: same loss and gradients, for
-    the per-micro-batch mean and for the token-count normalisation used with gradient accumulation."""
+def qtune_trainer(lora_model, samples, tokenizer, folder, *, row_tokens: int):
+    """The Trainer qtune trains with, over `samples` as one micro-batch packed into rows of `row_tokens`."""
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -159,7 +158,7 @@ def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samp
         {"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]}
     )
     config = SFTConfig(
-        output_dir=str(tmp_path),
+        output_dir=str(folder),
         use_cpu=True,
         bf16=False,
         report_to="none",
@@ -167,13 +166,16 @@ def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samp
         per_device_train_batch_size=len(samples),
         gradient_checkpointing=False,
     )
-    trainer = QtuneSFTTrainer(
-        model=lora_model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tiny_tokenizer,
-        data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=96),
+    collator = PackedCollator(tokenizer.pad_token_id or 0, row_tokens=row_tokens)
+    return QtuneSFTTrainer(
+        model=lora_model, args=config, train_dataset=dataset, processing_class=tokenizer, data_collator=collator
     )
+
+
+def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samples, tiny_tokenizer, tmp_path):
+    """The trainer qtune builds, fed one packed micro-batch, against per-sample: same loss and gradients, for
+    the per-micro-batch mean and for the token-count normalisation used with gradient accumulation."""
+    trainer = qtune_trainer(lora_model, samples, tiny_tokenizer, tmp_path, row_tokens=96)
     for name, param in lora_model.named_parameters():  # trl casts LoRA weights to bf16 on quantized models only
         assert param.dtype == torch.float32, name
     reference = per_sample_reference(lora_model, samples)
@@ -189,30 +191,7 @@ def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samp
 
 def test_row_by_row_backward_equals_the_plain_computation(lora_model, samples, tiny_tokenizer, tmp_path):
     """training_step runs forward and backward per packed row (one row's activations alive at a time)."""
-    from datasets import Dataset
-    from trl import SFTConfig
-
-    from qtune.training.trainer import QtuneSFTTrainer
-
-    dataset = Dataset.from_dict(
-        {"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]}
-    )
-    config = SFTConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_length=128,
-        per_device_train_batch_size=len(samples),
-        gradient_checkpointing=False,
-    )
-    trainer = QtuneSFTTrainer(
-        model=lora_model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tiny_tokenizer,
-        data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=64),
-    )
+    trainer = qtune_trainer(lora_model, samples, tiny_tokenizer, tmp_path, row_tokens=64)
     trainer.create_optimizer()
     reference = per_sample_reference(lora_model, samples)
     batch = trainer.data_collator(samples)

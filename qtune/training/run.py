@@ -12,6 +12,7 @@ import os
 import pickle
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,17 @@ class Prepared:
     rss_before_model_bytes: int  # the process before the model came in (metrics.json; the memory plan's baseline)
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False, echo=print) -> dict:
-    """Fine-tune as the recipe says, in its locked run folder; returns the metrics also written to metrics.json."""
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    echo=print,
+    then: Callable[[Path, dict], None] | None = None,
+) -> dict:
+    """Fine-tune as the recipe says, in its locked run folder; returns the metrics also written to metrics.json.
+    `then(run_dir, metrics)` runs on the main process while the run folder is still locked (exports, a Hub push)."""
     if distributed.rank() != 0:
         echo = lambda *_: None  # noqa: E731  (one voice: the main process reports)
     with claimed_run_on_main(recipe, resume=resume, overwrite=overwrite) as claim:
@@ -66,7 +76,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, forc
             if claim is not None:
                 claim.abandon()  # a run that never started leaves no folder behind
             raise
-        return fit(recipe, run_dir, prepared, echo=echo)
+        metrics = fit(recipe, run_dir, prepared, echo=echo)
+        if then is not None and claim is not None:
+            then(run_dir, metrics)
+        return metrics
 
 
 @contextmanager

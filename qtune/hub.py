@@ -289,7 +289,10 @@ def pull_newest_checkpoint(repo_id: str, run_dir: Path) -> Path | None:
         raise hub_failure("downloading a checkpoint from", repo_id, e) from None
     fetched = download / CHECKPOINT_PREFIX
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    os.replace(fetched / newest, run_dir / CHECKPOINTS / newest)
+    local = run_dir / CHECKPOINTS / newest
+    if local.exists():  # a damaged local copy of the same step: kept aside for a look, never deleted
+        os.replace(local, local.with_name(f"{newest}.damaged-{os.getpid()}"))
+    os.replace(fetched / newest, local)
     for name in (RECIPE_FILE, EVAL_BEFORE):
         if (fetched / name).is_file():
             os.replace(fetched / name, run_dir / name)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qtune.export.run import export
+from qtune.metrics import DECISIVE_MARGIN
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,13 @@ def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
         f"top-1 agreement {(cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean():.4f}"
     )
     assert np.abs(cpp_logits - hf_logits).max() < tolerance
-    assert (cpp_logits.argmax(-1) == hf_logits.argmax(-1)).mean() >= (0.99 if quant != "q4_0" else 0.8)
+    # top-1 agreement where the reference's two best logits differ by more than DECISIVE_MARGIN, as qtune's fidelity
+    # report counts it: closer than that, rounding alone flips the winner (one such flip out of 37 positions was seen
+    # with q8_0 on a CPU with AVX512-BF16, from qtune's current and previous code alike)
+    top2 = np.sort(hf_logits, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN
+    agreement = (cpp_logits.argmax(-1) == hf_logits.argmax(-1))[decisive].mean()
+    assert decisive.sum() >= len(ids) // 2 and agreement >= (0.99 if quant != "q4_0" else 0.8)
 
     completion = llm.create_completion(text + "\n\n### Response:\n", max_tokens=8, temperature=0.0)
     assert completion["usage"]["completion_tokens"] > 0 and completion["choices"][0]["finish_reason"] in (

@@ -112,6 +112,28 @@ def write_marker(folder: Path, kind: str) -> None:
     (folder / MARKER).write_text(json.dumps({"kind": kind, "qtune": version("qtune")}) + "\n")
 
 
+def refuse_unowned(folder: Path, kind: str, option: str, *, files_only: bool = False) -> None:
+    """A file where a folder should be, or (unless `files_only`) a non-empty folder without qtune's marker: refused,
+    whatever the flags."""
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"{option} is a file: {folder}", fix="choose a folder path")
+    if files_only:
+        return
+    if folder.is_dir() and not is_marked(folder, kind) and foreign_entries(folder, frozenset({LOCK})):
+        raise RecipeError(
+            f"{option} {folder} is a non-empty folder that qtune did not create; qtune never writes "
+            "into or deletes such a folder, --overwrite included",
+            fix=f"choose another {option} (a new or empty folder)",
+        )
+
+
+def in_use(folder: Path, what: str, holder: str) -> RecipeError:
+    return RecipeError(
+        f"{folder} is in use by {what} running as process {holder}",
+        fix=f"wait for it to finish or stop it (kill {holder}), or choose another folder",
+    )
+
+
 def holder_of(folder: Path) -> str | None:
     """The process id holding `folder`'s lock, or None when no process holds it (nothing is locked or created)."""
     import fcntl
@@ -145,10 +167,7 @@ class FolderLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RecipeError(
-                f"{self.path.parent} is in use by {self.what} running as process {holder}",
-                fix=f"wait for it to finish or stop it (kill {holder}), or choose another folder",
-            ) from None
+            raise in_use(self.path.parent, self.what, holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
@@ -183,14 +202,7 @@ def claimed(folder: Path, *, kind: str, entries: frozenset[str], overwrite: bool
     A non-empty folder without the marker, or a marked one holding anything qtune did not write, is refused
     whatever the flags, and nothing in it is touched.
     """
-    if folder.exists() and not folder.is_dir():
-        raise RecipeError(f"{option} is a file: {folder}", fix="choose a folder path")
-    if folder.is_dir() and not is_marked(folder, kind) and foreign_entries(folder, frozenset({LOCK})):
-        raise RecipeError(
-            f"{option} {folder} is a non-empty folder that qtune did not create; qtune never writes "
-            "into or deletes such a folder, --overwrite included",
-            fix=f"choose another {option} (a new or empty folder)",
-        )
+    refuse_unowned(folder, kind, option)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -229,22 +241,11 @@ def check_run_folder(output_dir: str | Path, *, resume: bool) -> None:
     """The refusals `claimed_run` would make, answered before anything heavy is imported (the CLI calls this first;
     `claimed_run` decides again under the lock)."""
     folder = Path(output_dir).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise RecipeError(f"train.output_dir is a file: {folder}", fix="choose a folder path")
-    if not folder.is_dir():
-        return
-    if not is_run(folder) and foreign_entries(folder, frozenset({LOCK})) and not resume:
-        raise RecipeError(
-            f"train.output_dir {folder} is a non-empty folder that qtune did not create; qtune never "
-            "writes into or deletes such a folder, --overwrite included",
-            fix="choose another train.output_dir (a new or empty folder)",
-        )
-    holder = holder_of(folder)
+    # resuming a folder that is not a run is claimed_run's "nothing to resume" (exit 5)
+    refuse_unowned(folder, "run", "train.output_dir", files_only=resume)
+    holder = holder_of(folder) if folder.is_dir() else None
     if holder is not None:
-        raise RecipeError(
-            f"{folder} is in use by a qtune run running as process {holder}",
-            fix=f"wait for it to finish or stop it (kill {holder}), or choose another folder",
-        )
+        raise in_use(folder, "a qtune run", holder)
 
 
 @contextmanager

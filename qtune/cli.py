@@ -222,7 +222,7 @@ def cmd_plan(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     quiet_library_noise()
-    from qtune.plan import GPUS_GIB, describe_plan, plan_training
+    from qtune.plan import GPUS_GIB, context_table, describe_plan, plan_training
 
     gpu_gib = None
     if args.gpu:
@@ -249,6 +249,8 @@ def cmd_plan(args) -> int:
         recipe, gpu_gib=gpu_gib, budget_bytes=budget, compute_bytes=compute_bytes, device="cpu" if args.cpu else "cuda"
     )
     print(describe_plan(plan, args.gpu or ("free RAM" if args.cpu else None)))
+    if not args.cpu:
+        print("\n".join(context_table(plan)))
     print(
         "note: an estimate. Checked on CPU against real runs (bench/plan_accuracy.py, README); the GPU side is "
         "not yet checked against a GPU run."

@@ -14,6 +14,7 @@ EXIT_RECIPE = 2  # recipe or command-line usage
 EXIT_DATA = 3  # dataset files, columns, formats, masking
 EXIT_ENVIRONMENT = 4  # model not found, GPU, disk, missing package, permissions
 EXIT_INTEGRITY = 5  # checkpoint or export integrity
+EXIT_DIVERGED = 6  # training stopped: the loss was NaN or infinite for train.max_nonfinite_steps steps in a row
 EXIT_PIPE_CLOSED = 141  # the reader of stdout closed the pipe (`| head`), as a shell reports SIGPIPE
 EXIT_INTERRUPTED = 75  # stopped by SIGTERM / Ctrl-C after saving a checkpoint: resume with --resume (EX_TEMPFAIL)
 

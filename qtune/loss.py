@@ -71,7 +71,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 def supervised_loss_sum(hidden, labels, weight):
     """(sum of the token losses, number of supervised tokens) for hidden states [rows, seq, h]."""
     rows, positions, targets = supervised_positions(labels)
-    chosen = hidden[rows, positions]
+    # the lm_head stays in the compute dtype (model.prepare_for_kbit_training); the final norm may give fp32
+    chosen = hidden[rows, positions].to(weight.dtype)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0])
     return LinearCrossEntropy.apply(chosen, weight, targets, chunk), targets.numel()
 

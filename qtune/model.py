@@ -9,6 +9,7 @@ import torch
 
 from qtune.errors import EnvironmentProblem, QtuneError, RecipeError, hub_failure
 from qtune.recipe import LoraSection, ModelSection, QuantSection
+from qtune.weights import check_prequantized, saved_quantization
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -141,10 +142,16 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
     from transformers import AutoModelForCausalLM
 
     source, kwargs = model_source(model)
+    saved = saved_quantization(load_model_config(model))
+    if saved is None:
+        kwargs["quantization_config"] = build_quantization_config(quant, compute_dtype, fsdp=under_fsdp())
+    else:
+        # a base saved in 4-bit loads as it is (weights.check_prequantized says when it can). Not even
+        # quantization_config=None: transformers then loads the packed weights into plain Linear layers and fails
+        check_prequantized(saved, quant.type, quant.double_quant, model.name)
     try:
         base = AutoModelForCausalLM.from_pretrained(
             source,
-            quantization_config=build_quantization_config(quant, compute_dtype, fsdp=under_fsdp()),
             dtype=compute_dtype,
             device_map=device_map(),
             attn_implementation=model.attn_implementation,
@@ -154,7 +161,23 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
     except (OSError, ValueError) as e:
         raise model_not_loadable(model, e) from None
     keep_cpu_4bit_layout_trainable(base)
+    if saved is not None:  # its saved compute dtype is whatever the uploader's GPU had
+        import bitsandbytes as bnb
+
+        for module in base.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.compute_dtype, module.compute_type_is_set = compute_dtype, True
     return base
+
+
+def load_model_config(model: ModelSection):
+    from transformers import AutoConfig
+
+    source, kwargs = model_source(model)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise model_not_loadable(model, e) from None
 
 
 def align_special_tokens(base, tokenizer) -> None:
@@ -244,15 +267,29 @@ def build_lora_config(lora: LoraSection, model):
     )
 
 
+def prepare_for_kbit_training(base, *, gradient_checkpointing: bool):
+    """peft's prepare_model_for_kbit_training without its cast of every weight that is not 4-bit to fp32.
+
+    That cast doubles the embeddings and the lm_head (Llama-3-8B: 2.1 -> 4.2 GB on a 16 GB card) and makes the
+    embedding output fp32, so the whole residual stream, and every checkpointed layer input, is fp32 too: twice
+    the activation memory the compute dtype needs. Here the frozen weights stay in the compute dtype (on CPU,
+    fp32: nothing changes there); LoRA weights are fp32 (keep_trainable_in_fp32) and autocast does the rest.
+    tests/test_model.py checks no frozen weight is upcast.
+    """
+    for param in base.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        # as peft does for non-reentrant checkpointing: the first layer's input takes part in the graph
+        base.get_input_embeddings().register_forward_hook(lambda _module, _args, output: output.requires_grad_(True))
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
 def attach_lora(base, lora: LoraSection, *, gradient_checkpointing: bool):
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     config = build_lora_config(lora, base)
-    base = prepare_model_for_kbit_training(
-        base,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    base = prepare_for_kbit_training(base, gradient_checkpointing=gradient_checkpointing)
     model = get_peft_model(base, config)
     lean_lora_dropout(model)
     return model
@@ -323,6 +360,22 @@ def _dropout_then_linear(self, x):
     if self.training and torch.is_grad_enabled():
         return DropoutLinear.apply(x, self.weight, self.qtune_dropout)
     return torch.nn.functional.linear(torch.nn.functional.dropout(x, self.qtune_dropout, self.training), self.weight)
+
+
+def lora_inputs_stay_in_compute_dtype(model) -> int:
+    """Stop peft casting each LoRA layer's input to the LoRA weights' dtype (fp32) under mixed precision.
+
+    Autocast casts it back to bf16/fp16 for the matmul, so each of q, k, v (and gate, up) keeps its own copy of the
+    normed input for the backward pass, where one shared bf16 tensor would do: measured on CPU in bf16, 17.4 KiB
+    -> 12.6 KiB per token and layer of the bench model with dropout. The matmul sees the same values either way.
+    Only while training under autocast: an adapter loaded to chat keeps peft's default. Returns the layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "cast_input_dtype_enabled", None) is True:
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 def keep_trainable_in_fp32(model) -> None:

@@ -66,21 +66,29 @@ def lora_parameter_count(inv: Inventory, r: int, targets: int | None = None) -> 
 
 
 def activation_bytes_per_token_per_layer(shape: TrainingShape, act_bytes: int, lora_dropout: bool) -> int:
-    """What autograd keeps per token and decoder layer of a Llama-style block with LoRA on every linear layer.
+    """What autograd keeps per token and decoder layer of a Llama-style block with LoRA on every linear layer,
+    counted tensor by tensor with saved-tensor hooks (CPU, fp32 and bf16 autocast: within 1% of this formula).
 
-    Frozen 4-bit matmuls keep no input for a weight gradient; LoRA branches keep their input (one shared normed
-    input for q/k/v and one for gate/up) and, with dropout, a 1-byte mask each (qtune.model.lean_lora_dropout);
-    RMSNorm keeps fp32 copies; attention (SDPA) keeps q, k, v, the output and the log-sum-exp; the gated MLP
-    keeps gate, up, the activation and their product.
+    Frozen 4-bit matmuls keep no input for a weight gradient. Each RMSNorm keeps an fp32 copy of its input, and its
+    output feeds the LoRA branches after it (one shared tensor for q/k/v and one for gate/up: peft's cast to fp32 is
+    off, qtune.model.lora_inputs_stay_in_compute_dtype); attention (SDPA) keeps q, k, v, the output and the
+    log-sum-exp, and o_proj's LoRA its input; the gated MLP keeps gate, SiLU output, up and their product (down's
+    input). With dropout, each LoRA branch adds a 1-byte mask (qtune.model.lean_lora_dropout).
     """
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
-    norms = 2 * (2 * h * 4 + h * act_bytes)  # two RMSNorms: fp32 input and normalised copy, and the cast output
-    lora_inputs = h + q + h + i
-    masks = (3 * h + h + 2 * h + i) if lora_dropout else 0
-    attention = (q + kv) + (q + 2 * kv + q)  # rotary q/k, then q, k, v and the output kept by SDPA
-    mlp = 3 * i  # gate (SiLU input), SiLU output, up
-    return norms + act_bytes * (lora_inputs + attention + mlp) + masks
+    norms = 2 * h * 4
+    normed = 2 * h
+    attention = 2 * q + 2 * kv + q  # q, k, v, output; o_proj's input
+    mlp = 4 * i
+    masks = (3 * h + q + 2 * h + i) if lora_dropout else 0
+    return norms + act_bytes * (normed + attention + mlp) + 4 * shape.heads + masks
+
+
+def backward_transient_bytes_per_token(shape: TrainingShape, act_bytes: int) -> int:
+    """At the peak of one layer's backward pass (the MLP's), the gradients of the MLP's intermediate tensors are
+    alive beside what is still saved: two more intermediate-sized tensors, once, whatever the number of layers."""
+    return 2 * shape.intermediate * act_bytes
 
 
 def plan_training(
@@ -105,8 +113,8 @@ def plan_training(
     tokens = recipe.data.max_length
     weights = weight_memory(inv, recipe.quant.type + ("_dq" if recipe.quant.double_quant else ""))
     quantized_bytes = weights.total_bytes - inv.unquantized * 2
-    # peft's prepare_model_for_kbit_training keeps the unquantized parts (embeddings, lm_head, norms) in fp32
-    unquantized_bytes = inv.unquantized * 4
+    # the unquantized parts (embeddings, lm_head, norms) stay in the compute dtype (qtune.model.prepare_for_kbit_training)
+    unquantized_bytes = inv.unquantized * compute_bytes
     lora = lora_parameter_count(inv, recipe.lora.r)
     optimizer_bytes_per_param = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
     lora_bytes = lora * (4 + 4 + optimizer_bytes_per_param[recipe.train.optimizer])
@@ -115,14 +123,24 @@ def plan_training(
     # CPU alike (measured on CPU: the same memory at 4,096 tokens as 16 x 256, 8 x 512 or 4 x 1024).
     fused_attention = recipe.model.attn_implementation != "eager"
     score_bytes = 0 if fused_attention else shape.heads * recipe.data.max_length**2 * compute_bytes * 2
-    # with checkpointing: the layer inputs kept, one layer recomputed at a time
-    without_checkpointing = tokens * shape.layers * per_layer + score_bytes * shape.layers
-    with_checkpointing = tokens * (shape.layers * shape.hidden * compute_bytes + per_layer) + score_bytes
+    # Per token of the row in flight, for each way of keeping activations. With checkpointing: the layer inputs
+    # kept, one layer recomputed at a time. With offloading too (qtune/offload.py): the layer inputs wait in CPU
+    # memory; the GPU holds one layer's recompute, the input being copied back and the gradient flowing down.
+    layer_input = shape.hidden * compute_bytes
+    transient = backward_transient_bytes_per_token(shape, compute_bytes)
+    per_token = {
+        "none": shape.layers * per_layer + transient,
+        "checkpointing": shape.layers * layer_input + per_layer + transient,
+        "offload": 2 * layer_input + per_layer + transient,
+    }
+    scores = {"none": score_bytes * shape.layers, "checkpointing": score_bytes, "offload": score_bytes}
+    activations_by_mode = {mode: tokens * per_token[mode] + scores[mode] for mode in per_token}
     # The loss scores supervised positions only, a chunk of 2^23 fp32 logits at a time (qtune/loss.py), plus the
     # gathered hidden states and their gradient.
     from qtune.loss import LOGIT_CHUNK_ELEMENTS
 
-    logits = 2 * LOGIT_CHUNK_ELEMENTS * 4 + 2 * tokens * shape.hidden * compute_bytes
+    loss_per_token = 2 * shape.hidden * compute_bytes
+    logits = 2 * LOGIT_CHUNK_ELEMENTS * 4 + tokens * loss_per_token
     if framework_bytes is None:
         framework_bytes = CUDA_OVERHEAD_BYTES if device == "cuda" else CPU_FRAMEWORK_BYTES
     # host memory: on a GPU it is not part of the device's peak
@@ -131,11 +149,19 @@ def plan_training(
     fixed = (
         quantized_bytes + unquantized_bytes + lora_bytes + logits + framework_bytes + tokenizer_bytes + runtime_bytes
     )
-    checkpointing = recipe.train.gradient_checkpointing
+    checkpointing, offload = recipe.train.gradient_checkpointing, recipe.train.offload_activations
+    if device == "cpu":
+        offload = False  # nowhere to offload to
     if checkpointing == "auto":
-        # off unless it is needed to fit; without a budget to fit into, off
-        checkpointing = budget_bytes is not None and fixed + without_checkpointing > budget_bytes
-    activations = with_checkpointing if checkpointing else without_checkpointing
+        # off unless it is needed to fit (or offloading is asked for); without a budget to fit into, off
+        over = budget_bytes is not None and fixed + activations_by_mode["none"] > budget_bytes
+        checkpointing = offload is True or over
+    if offload == "auto":
+        offload = (
+            checkpointing and budget_bytes is not None and fixed + activations_by_mode["checkpointing"] > budget_bytes
+        )
+    mode = "offload" if offload else "checkpointing" if checkpointing else "none"
+    activations = activations_by_mode[mode]
     parts = {
         "quantized_base": quantized_bytes,
         "unquantized_parts_fp32": unquantized_bytes,
@@ -160,23 +186,56 @@ def plan_training(
         "tokens_per_micro_batch": tokens,
         "parts": parts,
         "gradient_checkpointing": checkpointing,
+        "offload_activations": offload,
+        # pinned CPU memory the offloaded layer inputs take (host RAM, not GPU memory)
+        "offloaded_host_bytes": tokens * shape.layers * layer_input if offload else 0,
         "training_bytes": total,
         "loading_bytes": loading,
         "peak_phase": peak_phase,
         "total_bytes": max(total, loading or 0),
-        "activations_with_checkpointing": with_checkpointing,
-        "activations_without_checkpointing": without_checkpointing,
+        "activations_with_checkpointing": activations_by_mode["checkpointing"],
+        "activations_without_checkpointing": activations_by_mode["none"],
+        "activations_with_offloading": activations_by_mode["offload"],
         "lora_parameters": lora,
     }
+    # What does not grow with max_length, and what each token of the row in flight adds, for each way of keeping
+    # activations: the largest max_length that fits any memory (qtune plan's table of GPUs).
+    result["bytes_fixed"] = fixed - tokens * loss_per_token
+    result["bytes_per_token"] = {m: per_token[m] + loss_per_token for m in per_token}
+    result["score_bytes_per_token_squared"] = {m: scores[m] / tokens**2 for m in scores}
     if budget_bytes is not None:
         budget = budget_bytes
         result["gpu_bytes"] = budget
         result["fits"] = result["total_bytes"] <= budget
-        per_token = activations / tokens
-        result["largest_max_length"] = int((budget - fixed) / per_token) if budget > fixed else 0
+        result["largest_max_length"] = largest_max_length(result, budget, mode)
         if not checkpointing:
-            result["with_gradient_checkpointing_bytes"] = total - activations + with_checkpointing
+            result["with_gradient_checkpointing_bytes"] = total - activations + activations_by_mode["checkpointing"]
+        if not offload and device == "cuda":
+            result["with_offloading_bytes"] = total - activations + activations_by_mode["offload"]
     return result
+
+
+def largest_max_length(plan: dict, budget_bytes: float, mode: str) -> int:
+    """The longest row that fits `budget_bytes` keeping activations in `mode` (none, checkpointing, offload)."""
+    free = budget_bytes - plan["bytes_fixed"]
+    if free <= 0:
+        return 0
+    linear, square = plan["bytes_per_token"][mode], plan["score_bytes_per_token_squared"][mode]
+    if not square:
+        return int(free / linear)
+    return int((-linear + (linear**2 + 4 * square * free) ** 0.5) / (2 * square))
+
+
+def context_table(plan: dict) -> list[str]:
+    """Largest data.max_length per GPU, with gradient checkpointing alone and with offloading too."""
+    lines = [f"  {'GPU':<12}{'checkpointing':>15}{'+ offloading':>15}   (largest data.max_length that fits)"]
+    for name, gib in GPUS_GIB.items():
+        budget = gib * 2**30
+        lines.append(
+            f"  {name:<12}{largest_max_length(plan, budget, 'checkpointing'):>15,}"
+            f"{largest_max_length(plan, budget, 'offload'):>15,}"
+        )
+    return lines
 
 
 def describe_plan(plan: dict, gpu: str | None) -> str:
@@ -187,11 +246,20 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
     ]
     for name, value in plan["parts"].items():
         lines.append(f"  {name.replace('_', ' '):<32} {value / gib:8.2f} GiB")
-    lines.append(
-        f"  (activations: {plan['activations_with_checkpointing'] / gib:.2f} GiB with gradient checkpointing, "
-        f"{plan['activations_without_checkpointing'] / gib:.2f} GiB without; planned "
-        f"{'with' if plan['gradient_checkpointing'] else 'without'})"
+    planned = (
+        "with checkpointing and offloading"
+        if plan["offload_activations"]
+        else "with checkpointing"
+        if plan["gradient_checkpointing"]
+        else "without checkpointing"
     )
+    lines.append(
+        f"  (activations: {plan['activations_without_checkpointing'] / gib:.2f} GiB without gradient checkpointing, "
+        f"{plan['activations_with_checkpointing'] / gib:.2f} GiB with it, {plan['activations_with_offloading'] / gib:.2f} "
+        f"GiB with offloading too; planned {planned})"
+    )
+    if plan["offload_activations"]:
+        lines.append(f"  offloaded layer inputs in pinned CPU memory: {plan['offloaded_host_bytes'] / gib:.2f} GiB")
     if plan.get("loading_bytes") is not None:
         lines.append(
             f"  loading (CPU: the mapped checkpoint + the model being built) {plan['loading_bytes'] / gib:.2f} GiB; "
@@ -210,6 +278,10 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
                     f"  train.gradient_checkpointing: true would need "
                     f"{plan['with_gradient_checkpointing_bytes'] / gib:.2f} GiB (the biggest single saving)"
                 )
+            if "with_offloading_bytes" in plan:
+                lines.append(
+                    f"  train.offload_activations: true would need {plan['with_offloading_bytes'] / gib:.2f} GiB"
+                )
     return "\n".join(lines)
 
 
@@ -218,10 +290,18 @@ def oom_warning(recipe, gpu_bytes: int, compute_bytes: int = 2) -> str | None:
     plan = plan_training(recipe, gpu_gib=gpu_bytes / 2**30, compute_bytes=compute_bytes)
     if plan["fits"]:
         return None
-    advice = f"try data.max_length <= {plan['largest_max_length']}"
-    if "with_gradient_checkpointing_bytes" in plan:
-        advice = "train.gradient_checkpointing: true, or " + advice
+    advice = fit_advice(plan)
     return (
         f"warning: qtune plan predicts {plan['total_bytes'] / 2**30:.1f} GiB at peak, the GPU has "
         f"{gpu_bytes / 2**30:.1f} GiB: this run may run out of memory ({advice}; `qtune plan` for the breakdown)"
     )
+
+
+def fit_advice(plan: dict) -> str:
+    """What to change so the run fits: the same words for the warning before training and an out-of-memory error."""
+    advice = [f"data.max_length <= {plan['largest_max_length']}"]
+    if "with_offloading_bytes" in plan:
+        advice.insert(0, "train.offload_activations: true")
+    if "with_gradient_checkpointing_bytes" in plan:
+        advice.insert(0, "train.gradient_checkpointing: true")
+    return "try " + ", or ".join(advice)

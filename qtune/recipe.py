@@ -141,6 +141,12 @@ class TrainSection(Section):
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass: less memory, +50% of the frozen base's compute. auto: only when
     the memory plan says the run does not fit without it (in the GPU's memory, or on CPU in the free RAM)."""
+    offload_activations: bool | Literal["auto"] = "auto"
+    """Keep the checkpointed layer inputs in CPU memory between the forward and the backward pass (needs gradient
+    checkpointing): long context on a small GPU, for a few % of speed. auto: only when the plan says the run does not
+    fit with gradient checkpointing alone. Never on CPU, where there is nowhere to offload to."""
+    max_nonfinite_steps: int = Field(3, gt=0)
+    """Stop the run when the loss is NaN or infinite this many optimizer steps in a row (the last checkpoint is kept)."""
     seed: int = 42
     """Seed for LoRA init, data order and dropout."""
     eval_steps: int | None = Field(None, gt=0)
@@ -153,6 +159,15 @@ class TrainSection(Section):
     """Log loss, lr and throughput every this many steps."""
     extra: dict[str, Any] = {}
     """Escape hatch: more trl SFTConfig / transformers TrainingArguments fields, passed as they are."""
+
+    @model_validator(mode="after")
+    def _offloading_needs_checkpointing(self) -> TrainSection:
+        if self.offload_activations is True and self.gradient_checkpointing is False:
+            raise ValueError(
+                "offload_activations: true moves the checkpointed layer inputs to CPU memory, and "
+                "gradient_checkpointing is false: set gradient_checkpointing to true or auto"
+            )
+        return self
 
 
 class LogSection(Section):

@@ -106,10 +106,17 @@ def foreign_entries(folder: Path, entries: frozenset[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not wrote_by_qtune(p.name, entries))
 
 
-def write_marker(folder: Path, kind: str) -> None:
-    from importlib.metadata import version
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    (folder / MARKER).write_text(json.dumps({"kind": kind, "qtune": version("qtune")}) + "\n")
+    try:
+        return version("qtune")
+    except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not pip-installed (bench/gpu_check.py does)
+        return "source"
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "qtune": installed_version()}) + "\n")
 
 
 def refuse_unowned(folder: Path, kind: str, option: str, *, files_only: bool = False) -> None:

@@ -5,6 +5,8 @@ Production code reaches it through one hook each, and each does nothing unless i
 - `fault_point(stage, step=None)`: QTUNE_FAIL_CHECKPOINT_AT=<stage>[:<step>] ends the process at that stage of a
   checkpoint save, as a kill would (stages: optimizer, manifest); QTUNE_FAIL_EXPORT_AT=<stage> raises inside an
   export at that stage, mid-write (stages: merged, nf4, gguf).
+- `injected(what, step)`: QTUNE_INJECT=<what>:<step> makes training fail as a GPU would, on a CPU: `nan` makes the
+  loss NaN from that optimizer step on, `oom` raises CUDA's out-of-memory error in that step.
 - `traced(trainer, run_dir)`: QTUNE_SAMPLE_TRACE=1 records, per process, the training sample indices fetched and a
   digest of every micro-batch as it is trained on (sample_trace/ in the run folder), and the final LoRA weights'
   sha256: how the tests prove each DDP rank trained its own shard, and that a resumed run saw the same batches, in
@@ -21,6 +23,7 @@ from pathlib import Path
 CHECKPOINT_FAULT = "QTUNE_FAIL_CHECKPOINT_AT"
 EXPORT_FAULT = "QTUNE_FAIL_EXPORT_AT"
 SAMPLE_TRACE = "QTUNE_SAMPLE_TRACE"
+INJECT = "QTUNE_INJECT"
 CHECKPOINT_STAGES = ("optimizer", "manifest")
 
 
@@ -31,6 +34,14 @@ def fault_point(stage: str, step: int | None = None) -> None:
             os._exit(86)
     elif os.environ.get(EXPORT_FAULT) == stage:
         raise RuntimeError(f"injected export failure at {stage}")
+
+
+def injected(what: str, step: int) -> bool:
+    """True when QTUNE_INJECT names `what` and `step` (1-based) is at or past its step (`nan`) or is it (others)."""
+    name, _, at = os.environ.get(INJECT, "").partition(":")
+    if name != what or not at:
+        return False
+    return step >= int(at) if what == "nan" else step == int(at)
 
 
 def tracing() -> bool:

@@ -130,7 +130,12 @@ def test_plan_breakdown_and_fit_advice(tmp_path, run_cli):
     raw = {
         "model": {"name": str(tmp_path)},
         "data": {"datasets": [{"path": "d.jsonl", "format": "alpaca"}], "max_length": 1024},
-        "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 4, "gradient_checkpointing": True},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "micro_batch_size": 4,
+            "gradient_checkpointing": True,
+            "offload_activations": False,  # tests/test_long_context.py has the offloading arithmetic
+        },
     }
     plan = plan_training(validate_recipe(raw), gpu_gib=15.0)
     assert plan["total_bytes"] == sum(plan["parts"].values())

@@ -16,12 +16,19 @@ from pathlib import Path
 
 import torch
 
-from qtune.errors import EXIT_INTEGRITY, QtuneError
+from qtune.errors import EXIT_INTEGRITY, EXIT_RECIPE, QtuneError
 from qtune.fsutil import publish, staging_dir_for
 from qtune.model import DTYPES, resolve_compute_dtype
 from qtune.run_dir import TrainedRun
 from qtune.testhooks import fault_point
-from qtune.weights import base_checkpoint, checkpoint_tensors, quantized_weight_names
+from qtune.weights import (
+    base_checkpoint,
+    checkpoint_tensors,
+    dequantize_saved,
+    is_quant_state_part,
+    quantized_weight_names,
+    saved_quantization,
+)
 
 SHARD_BYTES = 2**30  # output shard; the merge holds at most one in memory
 
@@ -151,6 +158,13 @@ def write_merged(
     location = checkpoint_tensors(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=run.recipe.model.trust_remote_code)
     quantized = quantized_weight_names(config)
+    prequantized = saved_quantization(config) is not None
+    if prequantized and merge_base == "original":
+        raise QtuneError(
+            f"{run.recipe.model.name} is saved in 4-bit: there are no original weights to merge into",
+            fix="merge into the dequantized weights (the default --merge-base)",
+            code=EXIT_RECIPE,
+        )
     compute = training_compute_dtype(run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     staging = staging_dir_for(target)
@@ -159,12 +173,17 @@ def write_merged(
     try:
         writer = ShardWriter(staging, shard_bytes)
         for key, file in location.items():
+            if prequantized and is_quant_state_part(key):
+                continue  # read with its weight by dequantize_saved
             with safe_open(str(file), framework="pt") as handle:
                 tensor = handle.get_tensor(key)
             if key in quantized:
-                weight = tensor.to(compute)
-                if merge_base == "dequantized":
-                    weight = nf4_round_trip(weight, run.recipe.quant, device)
+                if prequantized:  # the 4-bit weights training saw, as they are
+                    weight = dequantize_saved(key, location, device).to(compute)
+                else:
+                    weight = tensor.to(compute)
+                    if merge_base == "dequantized":
+                        weight = nf4_round_trip(weight, run.recipe.quant, device)
                 module = key.removesuffix(".weight")
                 if module in deltas:
                     weight = merge_weight(

@@ -19,6 +19,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from qtune import hub
 from qtune.cpu_threads import FreeCoreThreads
+from qtune.errors import EXIT_DIVERGED, QtuneError
 
 
 class LossProgress(ProgressCallback):
@@ -139,3 +140,38 @@ class FollowFreeCores(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.threads.recheck()
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops a run whose loss is NaN or infinite `limit` optimizer steps in a row, before it saves a checkpoint of
+    weights that may already be NaN (no checkpoint is saved at a step with a non-finite loss), and counts the steps
+    fp16's gradient scaler skipped (an overflow: the update is dropped and the scale halved, which is normal in the
+    first steps and a problem when it never stops)."""
+
+    def __init__(self, trainer, limit: int):
+        self.trainer, self.limit = trainer, limit
+        self.streak_start, self.streak = None, 0
+        self.skipped_steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if getattr(self.trainer.accelerator, "optimizer_step_was_skipped", False):
+            self.skipped_steps += 1
+        bad = self.trainer.nonfinite_micro_batches
+        self.trainer.nonfinite_micro_batches = None
+        if bad is not None and args.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if bad is None or not bad.item():
+            self.streak_start, self.streak = None, 0
+            return
+        control.should_save = False
+        self.streak += 1
+        self.streak_start = self.streak_start or state.global_step
+        if self.streak >= self.limit:
+            raise QtuneError(
+                f"the loss was NaN or infinite for {self.streak} steps in a row (steps {self.streak_start}-"
+                f"{state.global_step}); no checkpoint was saved after step {self.streak_start - 1}",
+                where=args.output_dir,
+                fix="resume the last checkpoint with a lower train.lr, or quant.compute_dtype bf16 or fp32 if fp16 "
+                "overflows for this model (qtune train --resume --force)",
+                code=EXIT_DIVERGED,
+            )

@@ -12,8 +12,9 @@ import psutil
 import torch
 from trl import SFTConfig
 
-from qtune.errors import QtuneError, RecipeError
-from qtune.plan import oom_warning, plan_training
+from qtune.checkpoints import newest_valid
+from qtune.errors import EXIT_ENVIRONMENT, QtuneError, RecipeError
+from qtune.plan import fit_advice, oom_warning, plan_training
 from qtune.recipe import LogSection, Recipe, TrainSection
 from qtune.run_dir import CHECKPOINTS
 
@@ -99,12 +100,14 @@ def warn_if_plan_predicts_oom(recipe: Recipe, echo) -> None:
         echo(message)
 
 
-def resolve_gradient_checkpointing(recipe: Recipe, *, use_cpu: bool, compute_bytes: int, echo) -> bool:
-    """`auto`: recompute only when the memory plan says the run needs it. Recomputing costs a third more compute
-    per token, so it should not be the price of every run (trl turns it on by default)."""
-    setting = recipe.train.gradient_checkpointing
-    if setting != "auto":
-        return setting
+def resolve_memory_savers(recipe: Recipe, *, use_cpu: bool, compute_bytes: int, echo) -> tuple[bool, bool]:
+    """(gradient checkpointing, activation offloading), each `auto` decided by the memory plan: recomputing costs a
+    third more compute per token and offloading a copy of each layer input both ways, so neither should be the
+    price of every run (trl turns checkpointing on by default)."""
+    train = recipe.train
+    offload_asked = train.offload_activations is True and not use_cpu
+    if train.gradient_checkpointing != "auto" and train.offload_activations != "auto":
+        return bool(train.gradient_checkpointing), offload_asked
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if use_cpu:
         budget, where = psutil.virtual_memory().available // processes_here, "free RAM"
@@ -115,10 +118,45 @@ def resolve_gradient_checkpointing(recipe: Recipe, *, use_cpu: bool, compute_byt
             recipe, device="cpu" if use_cpu else "cuda", compute_bytes=compute_bytes, budget_bytes=budget
         )
     except QtuneError:
-        return True  # no plan (the model load reports why): the safe choice
+        # no plan (the model load reports why): the safe choice
+        return (True if train.gradient_checkpointing == "auto" else train.gradient_checkpointing), offload_asked
+    gib = 2**30
     without = plan["training_bytes"] - plan["parts"]["activations"] + plan["activations_without_checkpointing"]
-    echo(
-        f"train: gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'} (auto: the plan predicts "
-        f"{without / 2**30:.1f} GiB without it; {budget / 2**30:.1f} GiB {where})"
+    with_it = plan["training_bytes"] - plan["parts"]["activations"] + plan["activations_with_checkpointing"]
+    if train.gradient_checkpointing == "auto":
+        echo(
+            f"train: gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'} (auto: the plan "
+            f"predicts {without / gib:.1f} GiB without it; {budget / gib:.1f} GiB {where})"
+        )
+    if train.offload_activations == "auto" and not use_cpu and plan["gradient_checkpointing"]:
+        echo(
+            f"train: activation offloading {'on' if plan['offload_activations'] else 'off'} (auto: the plan predicts "
+            f"{with_it / gib:.1f} GiB with checkpointing alone; {budget / gib:.1f} GiB {where})"
+        )
+    return plan["gradient_checkpointing"], bool(plan["offload_activations"])
+
+
+def out_of_memory(recipe: Recipe, trainer, error: Exception, *, use_cpu: bool) -> QtuneError:
+    """An out-of-memory error mid-run as one line: where, the plan's advice for this device, and the checkpoint that
+    is intact (the step that failed saved nothing)."""
+    step = trainer.state.global_step + 1
+    try:
+        if use_cpu:
+            budget = psutil.virtual_memory().total
+        else:
+            budget = torch.cuda.get_device_properties(0).total_memory
+        plan = plan_training(
+            recipe, device="cpu" if use_cpu else "cuda", compute_bytes=4 if use_cpu else 2, budget_bytes=budget
+        )
+        advice = fit_advice(plan) + " (qtune plan shows the breakdown)"
+    except QtuneError:
+        advice = "shorten data.max_length or turn on train.gradient_checkpointing"
+    saved = newest_valid(Path(trainer.args.output_dir), echo=lambda _line: None)
+    kept = f"{saved.name} is intact: change the recipe, then --resume --force" if saved else "no checkpoint yet"
+    device = "CPU" if use_cpu else "GPU"
+    return QtuneError(
+        f"out of {device} memory in step {step} ({str(error).splitlines()[0][:120]})",
+        where=str(trainer.args.output_dir),
+        fix=f"{advice}; {kept}",
+        code=EXIT_ENVIRONMENT,
     )
-    return plan["gradient_checkpointing"]

@@ -29,8 +29,19 @@ from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, QtuneError
 from qtune.fsutil import write_json_atomically, write_text_atomically
 from qtune.recipe import Recipe, recipe_to_yaml
 from qtune.run_dir import ADAPTER, EVAL_BEFORE, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
-from qtune.training.callbacks import FollowFreeCores, GracefulStop, StoppedDuringEvaluation, close_progress_bars
-from qtune.training.config import build_sft_config, resolve_gradient_checkpointing, warn_if_plan_predicts_oom
+from qtune.training.callbacks import (
+    FollowFreeCores,
+    GracefulStop,
+    NonFiniteGuard,
+    StoppedDuringEvaluation,
+    close_progress_bars,
+)
+from qtune.training.config import (
+    build_sft_config,
+    out_of_memory,
+    resolve_memory_savers,
+    warn_if_plan_predicts_oom,
+)
 from qtune.training.report import (
     compute_dtype_of,
     current_rss_bytes,
@@ -128,7 +139,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
             f"optimizer: {recipe.train.optimizer} pages its state only on a GPU; on CPU bitsandbytes runs it unpaged "
             "(the same update)"
         )
-    checkpointing = resolve_gradient_checkpointing(
+    checkpointing, offload = resolve_memory_savers(
         recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo
     )
     tokenizer = model_stage.load_tokenizer(recipe.model)
@@ -179,6 +190,8 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
             recipe.hub,
             recipe.data.max_length,
             recipe.train.keep_checkpoints,
+            offload_activations=offload,
+            max_nonfinite_steps=recipe.train.max_nonfinite_steps,
         )
     if cpu_threads is not None:
         trainer.add_callback(FollowFreeCores(cpu_threads))
@@ -224,6 +237,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
             except StoppedDuringEvaluation:
                 if trainer.state.global_step > 0:  # evaluation runs between steps: the state is a step boundary
                     trainer._save_checkpoint(trainer.model, trial=None)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(recipe, trainer, e, use_cpu=prepared.use_cpu) from None
             except pickle.UnpicklingError:
                 # The Trainer reads optimizer, scheduler and RNG state with torch.load(weights_only=True): a pickle
                 # that holds anything but tensors and plain containers is refused, never run.
@@ -274,6 +289,12 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
             compute_dtype_of(trainer)
         ],
         "resumed_from": checkpoint.name if checkpoint is not None else None,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "offload_activations": trainer.offload_activations,
+        # optimizer steps fp16's gradient scaler dropped after an overflow (this session)
+        "skipped_steps": next(
+            c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)
+        ).skipped_steps,
         "data": data.report,
     }
     metrics["world_size"] = trainer.args.world_size

@@ -7,6 +7,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
+import torch
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
@@ -15,9 +16,10 @@ from qtune import loss as loss_stage
 from qtune import model as model_stage
 from qtune.batching import PackedCollator
 from qtune.fsutil import disk_full, is_disk_full
+from qtune.offload import ActivationsToCPU
 from qtune.recipe import HubSection, LogSection
 from qtune.testhooks import fault_point
-from qtune.training.callbacks import CheckpointPusher, LossProgress
+from qtune.training.callbacks import CheckpointPusher, LossProgress, NonFiniteGuard
 
 RESUME_AFTER_DISK_FULL = "free disk space (earlier checkpoints are intact) and resume with --resume"
 
@@ -30,12 +32,28 @@ class QtuneSFTTrainer(SFTTrainer):
     Triton (the CPU), and recomputes each logits tile in the backward pass.
     """
 
-    def __init__(self, *args, keep_checkpoints: int = 3, **kwargs):
+    def __init__(self, *args, keep_checkpoints: int = 3, offload_activations: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.offload_activations = offload_activations
         self.step_trace = None  # qtune.testhooks.traced() sets it: a record of each micro-batch as it is trained on
+        # micro-batches of the current optimizer step whose loss was NaN or inf, counted on the device (no sync per
+        # micro-batch); callbacks.NonFiniteGuard reads and resets it once per step
+        self.nonfinite_micro_batches = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if testhooks.injected("oom", self.state.global_step + 1):
+            raise torch.OutOfMemoryError("CUDA out of memory. (injected by QTUNE_INJECT)")
+        offload = ActivationsToCPU() if self.offload_activations else contextlib.nullcontext()
+        with offload:
+            loss = self.training_step_by_rows(model, inputs, num_items_in_batch)
+        bad = (~torch.isfinite(loss.detach())).to(torch.int32)
+        self.nonfinite_micro_batches = (
+            bad if self.nonfinite_micro_batches is None else self.nonfinite_micro_batches + bad
+        )
+        return loss
+
+    def training_step_by_rows(self, model, inputs, num_items_in_batch=None):
         """One packed row at a time: the loss is a sum over tokens divided by a count fixed for the whole step,
         so backward per row gives the gradient of the whole micro-batch, with one row's activations alive (at
         most data.max_length tokens, whatever the micro-batch size). Under DDP only the last row syncs."""
@@ -80,6 +98,12 @@ class QtuneSFTTrainer(SFTTrainer):
         super()._save_optimizer_and_scheduler(output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self.supervised_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training and testhooks.injected("nan", self.state.global_step + 1):
+            result = (result[0] * float("nan"), result[1]) if return_outputs else result * float("nan")
+        return result
+
+    def supervised_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
         head_weight = loss_stage.fused_head_weight(unwrapped)
         if head_weight is None:
@@ -114,6 +138,9 @@ def build_trainer(
     hub: HubSection,
     max_length: int,
     keep_checkpoints: int,
+    *,
+    offload_activations: bool = False,
+    max_nonfinite_steps: int = 3,
 ) -> QtuneSFTTrainer:
     trainer = QtuneSFTTrainer(
         model=peft_model,
@@ -123,12 +150,16 @@ def build_trainer(
         processing_class=tokenizer,
         data_collator=PackedCollator(tokenizer.pad_token_id, row_tokens=max_length),
         keep_checkpoints=keep_checkpoints,
+        offload_activations=offload_activations,
     )
     model_stage.keep_trainable_in_fp32(trainer.model)
+    if config.bf16 or config.fp16:  # the Trainer runs every forward pass under autocast
+        model_stage.lora_inputs_stay_in_compute_dtype(trainer.model)
     distributed.check_world_size(trainer.args.world_size)
     testhooks.traced(trainer, run_dir)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress())
+    trainer.add_callback(NonFiniteGuard(trainer, max_nonfinite_steps))
     if hub.push_checkpoints:
         trainer.add_callback(CheckpointPusher(hub.repo_id, hub.private, run_dir))
     if "tensorboard" in log.report_to:

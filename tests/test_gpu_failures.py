@@ -102,6 +102,8 @@ def test_a_base_saved_in_4bit_trains_and_merges_into_its_own_weights(tmp_path, p
     code, _out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
     assert "quantization_config" not in err  # transformers' warning about a second config: none is passed
+    # the dtype it trained in is the recipe's (the export re-creates the weights in it), not the uploader's bf16
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["compute_dtype"] == "fp32"
     code, _out, err = run_cli("export", tmp_path / "run", "--format", "merged_fp16", "--format", "gguf_q8_0")
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "export" / "export_report.json").read_text())["artifacts"]

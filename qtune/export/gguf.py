@@ -116,6 +116,14 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     arch = GGUF_ARCHITECTURES[model_type]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer_model, tokens, scores, types, merges = vocabulary(merged_dir, tokenizer)
+    rows = config.get_text_config().vocab_size
+    if rows > len(tokens):
+        # Embedding rows past the tokenizer (vocabularies padded to a round size, a model built wider than its
+        # tokenizer): the GGUF loaders take the vocabulary size from the token list, so it must cover every row.
+        # llama.cpp's converter fills them the same way.
+        tokens = tokens + [f"[PAD{index}]" for index in range(len(tokens), rows)]
+        types = types + [gguf.TokenType.UNUSED] * (rows - len(types))
+        scores = None if scores is None else scores + [-1000.0] * (rows - len(scores))
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     file_type = {
         "F16": gguf.LlamaFileType.MOSTLY_F16,

@@ -25,7 +25,13 @@ def peak_memory_bytes(use_cpu: bool) -> int:
 
 
 def compute_dtype_of(trainer):
-    """The compute dtype the base was loaded (and so quantized) in, as its quantization config records it."""
+    """The compute dtype the base was loaded (and so quantized) in: its 4-bit layers' (a base saved in 4-bit keeps
+    the uploader's in its config; qtune.model.load_base sets the recipe's on the layers), else the config's."""
+    import bitsandbytes as bnb
+
+    for module in trainer.model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.compute_dtype is not None:
+            return module.compute_dtype
     config = trainer.model.get_base_model().config.quantization_config
     dtype = config.bnb_4bit_compute_dtype if not isinstance(config, dict) else config.get("bnb_4bit_compute_dtype")
     if isinstance(dtype, str):

@@ -594,7 +594,7 @@ def section_context(kit: Kit, base: Path) -> None:
 
 
 def section_side_by_side(kit: Kit, base_1b: Path) -> None:
-    """The 1B shape: qtune and bench/hf_baseline.py alternating on the same GPU, the second pair measured."""
+    """The 1B shape: qtune, then bench/hf_baseline.py, on the same GPU, each in a fresh process."""
     from throughput import LORA, qtune_recipe, run_side, write_inputs
 
     with kit.section("side_by_side_1b", 100) as entry:
@@ -605,7 +605,7 @@ def section_side_by_side(kit: Kit, base_1b: Path) -> None:
         stats = write_inputs(work, max_length, kit.results["shapes"]["1b"])
         entry["data"] = stats["train"]
         runs = {"A": [], "B": []}
-        for side in ["A", "B"] * (1 if kit.dry_run else 2):
+        for side in ["A", "B"]:  # one pair: the device time of a lending is short
             out = work / f"run-{side}"
             if side == "A":
                 payload = {"recipe": qtune_recipe(work, max_length, 4, 2, steps, out)}

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qtune.errors import EnvironmentProblem, QtuneError, RecipeError, hub_failure
+from qtune.lean_ops import use_lean_ops
 from qtune.recipe import LoraSection, ModelSection, QuantSection
 from qtune.weights import check_prequantized, saved_quantization
 
@@ -292,6 +293,7 @@ def attach_lora(base, lora: LoraSection, *, gradient_checkpointing: bool):
     base = prepare_for_kbit_training(base, gradient_checkpointing=gradient_checkpointing)
     model = get_peft_model(base, config)
     lean_lora_dropout(model)
+    use_lean_ops(model)
     return model
 
 

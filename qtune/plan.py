@@ -65,30 +65,34 @@ def lora_parameter_count(inv: Inventory, r: int, targets: int | None = None) -> 
     return sum(r * (o + i) for o, i in shapes)
 
 
-def activation_bytes_per_token_per_layer(shape: TrainingShape, act_bytes: int, lora_dropout: bool) -> int:
+def activation_bytes_per_token_per_layer(
+    shape: TrainingShape, act_bytes: int, lora_dropout: bool, lean: bool = True
+) -> int:
     """What autograd keeps per token and decoder layer of a Llama-style block with LoRA on every linear layer,
-    counted tensor by tensor with saved-tensor hooks (CPU, fp32 and bf16 autocast: within 1% of this formula).
+    counted tensor by tensor with saved-tensor hooks (CPU, fp32 and bf16 autocast: tests/test_long_context.py).
 
-    Frozen 4-bit matmuls keep no input for a weight gradient. Each RMSNorm keeps an fp32 copy of its input, and its
-    output feeds the LoRA branches after it (one shared tensor for q/k/v and one for gate/up: peft's cast to fp32 is
-    off, qtune.model.lora_inputs_stay_in_compute_dtype); attention (SDPA) keeps q, k, v, the output and the
-    log-sum-exp, and o_proj's LoRA its input; the gated MLP keeps gate, SiLU output, up and their product (down's
-    input). With dropout, each LoRA branch adds a 1-byte mask (qtune.model.lean_lora_dropout).
+    Frozen 4-bit matmuls keep no input for a weight gradient. The RMSNorms keep their input (qtune/lean_ops.py;
+    transformers' keep an fp32 copy) and their output feeds the LoRA branches after them (one shared tensor for q/k/v
+    and one for gate/up: peft's cast to fp32 is off, qtune.model.lora_inputs_stay_in_compute_dtype); attention
+    (SDPA) keeps q, k, v, the output and the log-sum-exp, and o_proj's LoRA its input; the MLP keeps gate and up
+    (and SiLU's output, without the lean ops) and their product, down's input. With dropout, each LoRA branch adds
+    a 1-byte mask (qtune.model.lean_lora_dropout).
     """
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
-    norms = 2 * h * 4
+    norms = 2 * (h * act_bytes + 4) if lean else 2 * h * 4
     normed = 2 * h
     attention = 2 * q + 2 * kv + q  # q, k, v, output; o_proj's input
-    mlp = 4 * i
+    mlp = (3 if lean else 4) * i
     masks = (3 * h + q + 2 * h + i) if lora_dropout else 0
     return norms + act_bytes * (normed + attention + mlp) + 4 * shape.heads + masks
 
 
-def backward_transient_bytes_per_token(shape: TrainingShape, act_bytes: int) -> int:
-    """At the peak of one layer's backward pass (the MLP's), the gradients of the MLP's intermediate tensors are
-    alive beside what is still saved: two more intermediate-sized tensors, once, whatever the number of layers."""
-    return 2 * shape.intermediate * act_bytes
+def backward_transient_bytes_per_token(shape: TrainingShape, act_bytes: int, lean: bool = True) -> int:
+    """At the peak of one layer's backward pass (the MLP's), gradients alive beside what is still saved, once,
+    whatever the number of layers: down's input gradient (the lean SwiGLU writes its own over its inputs), or
+    without the lean ops two more intermediate-sized tensors."""
+    return (1 if lean else 2) * shape.intermediate * act_bytes
 
 
 def plan_training(
@@ -118,7 +122,10 @@ def plan_training(
     lora = lora_parameter_count(inv, recipe.lora.r)
     optimizer_bytes_per_param = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
     lora_bytes = lora * (4 + 4 + optimizer_bytes_per_param[recipe.train.optimizer])
-    per_layer = activation_bytes_per_token_per_layer(shape, compute_bytes, recipe.lora.dropout > 0)
+    from qtune.lean_ops import LEAN_MODEL_TYPES
+
+    lean = config.get_text_config().model_type in LEAN_MODEL_TYPES
+    per_layer = activation_bytes_per_token_per_layer(shape, compute_bytes, recipe.lora.dropout > 0, lean)
     # Eager attention materialises scores and probabilities per layer: b x heads x s^2. SDPA does not, on GPUs and on
     # CPU alike (measured on CPU: the same memory at 4,096 tokens as 16 x 256, 8 x 512 or 4 x 1024).
     fused_attention = recipe.model.attn_implementation != "eager"
@@ -127,7 +134,7 @@ def plan_training(
     # kept, one layer recomputed at a time. With offloading too (qtune/offload.py): the layer inputs wait in CPU
     # memory; the GPU holds one layer's recompute, the input being copied back and the gradient flowing down.
     layer_input = shape.hidden * compute_bytes
-    transient = backward_transient_bytes_per_token(shape, compute_bytes)
+    transient = backward_transient_bytes_per_token(shape, compute_bytes, lean)
     per_token = {
         "none": shape.layers * per_layer + transient,
         "checkpointing": shape.layers * layer_input + per_layer + transient,

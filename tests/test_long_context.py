@@ -241,3 +241,63 @@ def test_plan_counts_what_autograd_keeps_per_layer(tmp_path, dtype, dropout):
     measured = sum(saved.values()) / tokens
     predicted = activation_bytes_per_token_per_layer(training_shape(base.config), dtype.itemsize, dropout > 0)
     assert abs(predicted / measured - 1) < 0.02, (predicted, measured)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_and_swiglu_equal_transformers(dtype):
+    """The same forward arithmetic, bit for bit; gradients to rounding (the lean backward sums in another order)."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP, LlamaRMSNorm
+
+    from qtune.lean_ops import use_lean_ops
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=192, rms_norm_eps=1e-5)
+    reference = torch.nn.ModuleList([LlamaRMSNorm(64, eps=1e-5), LlamaMLP(config)]).to(dtype)
+    with torch.no_grad():
+        reference[0].weight.normal_(1.0, 0.1)
+    lean = torch.nn.ModuleList([LlamaRMSNorm(64, eps=1e-5), LlamaMLP(config)]).to(dtype)
+    lean.load_state_dict(reference.state_dict())
+    assert use_lean_ops(lean) == 2
+    x = torch.randn(3, 50, 64, dtype=dtype) * 3
+    outputs, grads = [], []
+    for modules in (reference, lean):
+        inputs = x.clone().requires_grad_(True)
+        out = modules[1](modules[0](inputs))
+        out.float().square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([inputs.grad] + [p.grad for p in modules.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for plain, fast in zip(*grads):
+        assert torch.allclose(plain.float(), fast.float(), rtol=tolerance, atol=tolerance * plain.abs().max().item())
+
+
+def test_lean_ops_give_the_loss_and_lora_gradients_of_the_plain_model(pretrained_llama):
+    from qtune import model as model_stage
+    from qtune.lean_ops import use_lean_ops
+    from qtune.recipe import LoraSection, ModelSection, QuantSection
+
+    def lora_model(lean: bool):
+        base = model_stage.load_base(ModelSection(name=str(pretrained_llama)), QuantSection(), torch.float32)
+        torch.manual_seed(0)
+        model = model_stage.attach_lora(base, LoraSection(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
+        if not lean:  # undo: the plain transformers forward of every module
+            for module in model.modules():
+                module.__dict__.pop("forward", None) if type(module).__name__.endswith(("RMSNorm", "MLP")) else None
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(hash(name) % 1000))
+        return model
+
+    ids = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(1))
+    results = []
+    for lean in (False, True):
+        model = lora_model(lean)
+        model.train()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), lora_grads(model)))
+    assert use_lean_ops(lora_model(True)) > 0
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for name, plain in results[0][1].items():
+        assert torch.allclose(plain, results[1][1][name], rtol=1e-4, atol=1e-7), name

@@ -78,6 +78,7 @@ LLAMA_32_1B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=True,
 )
+SECTIONS = ("t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16")
 TINY = dict(
     vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=1, max_position_embeddings=4096,
@@ -101,6 +102,10 @@ def exec_capped(cap_gib: float | None, command: list[str]) -> None:
     """Run `-m module args` or `script args` in this process, its CUDA memory capped, and print the peaks at exit."""
     import resource
 
+    if command[:2] == ["-m", "qtune"]:  # what qtune's CLI sets before CUDA starts, and this process starts it first
+        from qtune.cuda_setup import use_expandable_segments
+
+        use_expandable_segments()
     import torch
 
     if torch.cuda.is_available():
@@ -201,6 +206,8 @@ class Kit:
         self.device = "cuda" if self.on_gpu else "cpu"
         self.cap_gib = T4_GIB if self.on_gpu else None
         self.results: dict = {"dry_run": dry_run, "sections": {}}
+        self.context_from = self.baseline_from = None  # --context-from, --baseline-from
+        self.context_tries = 3
         self.log = (out / "gpu_check.log").open("a")
 
     def left(self) -> float:
@@ -565,8 +572,9 @@ def section_context(kit: Kit, base: Path) -> None:
         predicted = {m: largest_max_length(plan, (kit.cap_gib or 1.0) * GIB, m) for m in ("checkpointing", "offload")}
         entry["plan_largest_max_length"] = predicted
         # from the goal: up while it fits, or down until it fits
-        length, direction, tries, fitting = (1024 if kit.dry_run else 40960), None, [], []
-        while kit.left() > 60 and len(tries) < (2 if kit.dry_run else 3):
+        first = kit.context_from or (1024 if kit.dry_run else 40960)
+        length, direction, tries, fitting = first, None, [], []
+        while kit.left() > 60 and len(tries) < (2 if kit.dry_run else kit.context_tries):
             figures = context_try(kit, base, length, "A")
             tries.append(figures)
             if figures["fits"]:
@@ -581,8 +589,8 @@ def section_context(kit: Kit, base: Path) -> None:
         entry["qtune_tries"] = tries
         entry["qtune_longest"] = max(fitting, default=None)
         baseline, fitting = [], []
-        length = 512 if kit.dry_run else 2048
-        while kit.left() > 60 and len(baseline) < (1 if kit.dry_run else 3):
+        length = kit.baseline_from or (512 if kit.dry_run else 2048)
+        while kit.left() > 60 and len(baseline) < (1 if kit.dry_run else 3) and length > 0:
             figures = context_try(kit, base, length, "B")
             baseline.append(figures)
             if not figures["fits"]:
@@ -791,6 +799,12 @@ def main() -> int:
     )
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting sections after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the same code path, for the tests")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, in this order: {','.join(SECTIONS)}"
+    )
+    parser.add_argument("--context-from", type=int, default=None, help="first max_length the context search tries")
+    parser.add_argument("--baseline-from", type=int, default=None, help="first max_length for the baseline's search")
+    parser.add_argument("--context-tries", type=int, default=3, help="most max_lengths the context search tries")
     parser.add_argument("--exec", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cap-gib", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -819,12 +833,25 @@ def main() -> int:
         section_environment(kit)
         paths = section_models(kit)
         if kit.results["sections"]["models"]["status"] == "ok":
-            section_t4_fp16(kit, paths["8b"])
-            section_context(kit, paths["8b"])
-            section_side_by_side(kit, paths["1b"])
-            section_export(kit, paths["1b"])
-            section_bf16_8b(kit, paths["8b"])
-            section_nan(kit, paths["8b"])
+            chosen = args.sections.split(",")
+            kit.context_from, kit.baseline_from, kit.context_tries = (
+                args.context_from,
+                args.baseline_from,
+                args.context_tries,
+            )
+            unknown = [name for name in chosen if name not in SECTIONS]
+            if unknown:
+                raise SystemExit(f"gpu_check: unknown section {unknown[0]}; known: {', '.join(SECTIONS)}")
+            runners = {
+                "t4_fp16": lambda: section_t4_fp16(kit, paths["8b"]),
+                "context_8b": lambda: section_context(kit, paths["8b"]),
+                "side_by_side_1b": lambda: section_side_by_side(kit, paths["1b"]),
+                "export_1b": lambda: section_export(kit, paths["1b"]),
+                "bf16_8b": lambda: section_bf16_8b(kit, paths["8b"]),
+                "nan_fp16": lambda: section_nan(kit, paths["8b"]),
+            }
+            for name in chosen:  # in the order asked for
+                runners[name]()
         kit.results["t4_estimate_seconds"] = t4_estimate(kit.results)
         kit.save()
         print((out / "gpu_check.md").read_text())

@@ -14,6 +14,9 @@ def train(recipe, *, overrides=(), resume: bool = False, overwrite: bool = False
     >>> import qtune
     >>> metrics = qtune.train("recipes/demo.yaml", overrides=["train.max_steps=20"])
     """
+    from qtune.cuda_setup import use_expandable_segments
+
+    use_expandable_segments()  # no effect if this notebook already started CUDA
     from qtune.pipeline import run
     from qtune.recipe import Recipe, apply_override, load_recipe, validate_recipe
 

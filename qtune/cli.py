@@ -7,6 +7,7 @@ import os
 import sys
 
 from qtune import distributed
+from qtune.cuda_setup import use_expandable_segments
 from qtune.errors import EXIT_PIPE_CLOSED, EXIT_RECIPE, QtuneError
 from qtune.library_noise import quiet_library_noise
 from qtune.recipe import EXPORT_FORMATS, MERGE_BASES, PUSH_TARGETS
@@ -364,6 +365,7 @@ def entry_point() -> None:
     # A file-size limit (ulimit -f) otherwise kills the process mid-write with SIGXFSZ; ignored, the write fails
     # with EFBIG and is reported like a full disk, with the half-written file cleaned up.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    use_expandable_segments()
     try:
         code = main()
         sys.stdout.flush()

@@ -336,7 +336,11 @@ def lean_lora_dropout(model) -> int:
 
 
 class DropoutLinear(torch.autograd.Function):
-    """dropout(x) @ W.T keeping x and a 1-byte mask for the backward pass, instead of the dropped-out copy of x."""
+    """dropout(x) @ W.T keeping x and a 1-byte mask for the backward pass, instead of the dropped-out copy of x.
+
+    Under autocast the matmul runs in the autocast dtype (bf16/fp16) with the fp32 LoRA weight cast to it, and the
+    backward pass, which autocast does not reach, does the same casts itself: the gradients autograd would give.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, p):
@@ -344,17 +348,22 @@ class DropoutLinear(torch.autograd.Function):
         scale = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
         ctx.p = p
         ctx.save_for_backward(x, weight, scale != 0)
-        return torch.nn.functional.linear(x * scale, weight)
+        out = torch.nn.functional.linear(x * scale, weight)
+        ctx.compute_dtype = out.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, kept = ctx.saved_tensors
         scale = kept.to(x.dtype).div_(1 - ctx.p)
+        grad_out = grad_out.to(ctx.compute_dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight) * scale
+            grad_x = (grad_out @ weight.to(ctx.compute_dtype)).to(x.dtype) * scale
         if ctx.needs_input_grad[1]:
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ (x * scale).reshape(-1, x.shape[-1])
+            dropped = (x * scale).to(ctx.compute_dtype)
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
+            grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None
 
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qtune"
 
 # Each module's layer; a module imports only from its own layer (without cycles) or below.
 LAYERS = {
-    0: ["errors", "recipe", "fsutil", "testhooks", "plots", "library_noise"],
+    0: ["errors", "recipe", "fsutil", "testhooks", "plots", "library_noise", "cuda_setup"],
     1: [
         "run_dir",
         "rows",
@@ -21,6 +21,8 @@ LAYERS = {
         "model",
         "batching",
         "loss",
+        "offload",
+        "lean_ops",
         "checkpoints",
         "distributed",
         "cpu_threads",

@@ -244,3 +244,44 @@ def test_lean_lora_dropout_equals_peft_dropout(pretrained_qwen2):
     assert replayed[2] < plain[2]
     different = run(replayed_model, seed=6)  # another seed, other masks: the comparison can fail
     assert different[0] != pytest.approx(plain[0], rel=1e-6)
+
+
+def test_lean_lora_dropout_under_autocast_equals_peft_dropout(pretrained_qwen2):
+    """On a GPU the forward runs under bf16/fp16 autocast and the backward does not: the lean dropout's backward
+    must do autocast's casts itself (it crashed on an H200: Half @ float). Checked here under CPU bf16 autocast,
+    with fp32 LoRA weights and bf16 inputs, as qtune trains on a GPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qtune.model import lean_lora_dropout, lora_inputs_stay_in_compute_dtype
+
+    def build(lean: bool):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(pretrained_qwen2, dtype=torch.bfloat16)
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+        )
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        lora_inputs_stay_in_compute_dtype(model)
+        if lean:
+            assert lean_lora_dropout(model) == 7 * 2
+        model.train()
+        return model
+
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for lean in (False, True):
+        model = build(lean)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = lora_grads(model)
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+        results.append((loss.item(), grads))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-3)
+    for name, plain in results[0][1].items():
+        lean_grad = results[1][1][name]
+        assert torch.allclose(lean_grad, plain, rtol=0.05, atol=0.02 * plain.abs().max().item()), name

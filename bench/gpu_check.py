@@ -589,7 +589,7 @@ def section_context(kit: Kit, base: Path) -> None:
         entry["qtune_tries"] = tries
         entry["qtune_longest"] = max(fitting, default=None)
         baseline, fitting = [], []
-        length = kit.baseline_from or (512 if kit.dry_run else 2048)
+        length = kit.baseline_from if kit.baseline_from is not None else (512 if kit.dry_run else 2048)
         while kit.left() > 60 and len(baseline) < (1 if kit.dry_run else 3) and length > 0:
             figures = context_try(kit, base, length, "B")
             baseline.append(figures)

@@ -78,7 +78,7 @@ LLAMA_32_1B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=True,
 )
-SECTIONS = ("t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16")
+SECTIONS = ("t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16", "fsdp_2gpu")
 TINY = dict(
     vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=1, max_position_embeddings=4096,
@@ -224,10 +224,11 @@ class Kit:
             yield None
             return
         started = time.perf_counter()
+        entry["status"] = "running"
         self.say(f"[{name}] start ({self.left():.0f} s left)")
         try:
             yield entry
-            entry["status"] = "ok" if entry.get("status") == "skipped" else entry["status"]
+            entry["status"] = "ok" if entry["status"] == "running" else entry["status"]
         except (Exception, SystemExit) as e:  # one section's failure must not cost the others
             entry["status"] = "failed"
             entry["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -674,6 +675,41 @@ def section_export(kit: Kit, base_1b: Path) -> None:
         entry["fidelity"] = {name: {k: row.get(k) for k in keep} for name, row in artifacts.items()}
 
 
+def section_fsdp(kit: Kit, base_1b: Path) -> None:
+    """FSDP-QLoRA (accelerate_configs/fsdp_qlora.yaml) on 2 GPUs against DDP on the same 2 GPUs: the same losses.
+    It cannot run on a CPU (accelerate's FSDP plugin refuses one), so this is where it is checked."""
+    import torch
+
+    with kit.section("fsdp_2gpu", 90) as entry:
+        if entry is None:
+            return
+        gpus = torch.cuda.device_count() if kit.on_gpu else 0
+        if gpus < 2:
+            entry.update(status="skipped", why=f"needs 2 GPUs, this machine has {gpus}")
+            return
+        losses = {}
+        for name, launcher in (
+            ("fsdp", ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_qlora.yaml")]),
+            ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+        ):
+            raw = recipe(base_1b, kit.work / f"{name}-run", alpaca_data(kit, 512), max_steps=4, compute_dtype="bf16")
+            path = write_recipe(kit.work / f"{name}.yaml", raw)
+            done = subprocess.run(
+                [*launcher, "-m", "qtune", "train", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=max(30, kit.left() - 5),
+            )
+            entry[f"{name}_exit"] = done.returncode
+            entry[f"{name}_error"] = done.stderr[-1500:] if done.returncode else None
+            losses[name] = step_losses(Path(raw["train"]["output_dir"]))
+        entry["losses"] = losses
+        if all(losses.values()) and losses["fsdp"].keys() == losses["ddp"].keys():
+            entry["max_relative_difference"] = max(abs(losses["fsdp"][k] / losses["ddp"][k] - 1) for k in losses["ddp"])
+        else:
+            entry["status"] = "failed"
+
+
 def section_nan(kit: Kit, base: Path) -> None:
     """A NaN loss injected from step 3 on: the run stops (exit 6) and checkpoint-2 stays, on the GPU."""
     with kit.section("nan_fp16", 40) as entry:
@@ -849,6 +885,7 @@ def main() -> int:
                 "export_1b": lambda: section_export(kit, paths["1b"]),
                 "bf16_8b": lambda: section_bf16_8b(kit, paths["8b"]),
                 "nan_fp16": lambda: section_nan(kit, paths["8b"]),
+                "fsdp_2gpu": lambda: section_fsdp(kit, paths["1b"]),
             }
             for name in chosen:  # in the order asked for
                 runners[name]()

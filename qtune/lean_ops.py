@@ -1,4 +1,4 @@
-"""RMSNorm and the SwiGLU product with the backward pass written out, so they keep less for it.
+"""RMSNorm, the SwiGLU product and LoRA dropout with the backward pass written out, so they keep less for it.
 
 What autograd keeps per token and layer decides how long a row fits on a small GPU (qtune/plan.py counts it):
 
@@ -90,5 +90,97 @@ def use_lean_ops(model) -> int:
             changed += 1
         elif name in LEAN_MLPS and type(getattr(module, "act_fn", None)).__name__ in SILU:
             module.forward = types.MethodType(_lean_mlp_forward, module)
+            changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------- LoRA dropout without the copies
+
+
+def lean_lora_dropout(model) -> int:
+    """Fuse each LoRA dropout into its lora_A projection, keeping a 1-byte mask instead of the dropped-out input.
+
+    peft computes lora_A(dropout(x)) per target layer: every layer keeps its own 4-byte dropped-out copy of x
+    (for lora_A's weight gradient) and its mask. q, k and v (and gate and up) take the same x, so with dropout
+    on, those copies were a third of the activation memory of a Llama block (107 -> 70 KiB per token and layer
+    on the bench model, fp32). Here autograd keeps x, which it keeps anyway, and a bool mask. (Redrawing the mask
+    in the backward pass from the RNG state would save the mask too, but a Bernoulli draw costs as much as the
+    projection itself on CPU: measured +25% step time.) The draw is ATen's own dropout draw, so the masks, the
+    loss and the gradients equal peft's: tests/test_speed.py. Returns the number of layers changed.
+    """
+    import types
+
+    changed = 0
+    for module in model.modules():
+        lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            linear = lora_a[name] if name in lora_a else None
+            if (
+                type(dropout) is not torch.nn.Dropout
+                or dropout.p == 0
+                or type(linear) is not torch.nn.Linear
+                or linear.bias is not None
+                or name in getattr(module, "lora_variant", {})
+            ):
+                continue  # DoRA and other variants apply the dropout themselves
+            dropouts[name] = torch.nn.Identity()
+            linear.qtune_dropout = dropout.p
+            linear.forward = types.MethodType(_dropout_then_linear, linear)
+            changed += 1
+    return changed
+
+
+class DropoutLinear(torch.autograd.Function):
+    """dropout(x) @ W.T keeping x and a 1-byte mask for the backward pass, instead of the dropped-out copy of x.
+
+    Under autocast the matmul runs in the autocast dtype (bf16/fp16) with the fp32 LoRA weight cast to it, and the
+    backward pass, which autocast does not reach, does the same casts itself: the gradients autograd would give.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        # the ops of ATen's CPU dropout, in its order: the same draw as nn.Dropout
+        scale = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        ctx.p = p
+        ctx.save_for_backward(x, weight, scale != 0)
+        out = torch.nn.functional.linear(x * scale, weight)
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, kept = ctx.saved_tensors
+        scale = kept.to(x.dtype).div_(1 - ctx.p)
+        grad_out = grad_out.to(ctx.compute_dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight.to(ctx.compute_dtype)).to(x.dtype) * scale
+        if ctx.needs_input_grad[1]:
+            dropped = (x * scale).to(ctx.compute_dtype)
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _dropout_then_linear(self, x):
+    if self.training and torch.is_grad_enabled():
+        return DropoutLinear.apply(x, self.weight, self.qtune_dropout)
+    return torch.nn.functional.linear(torch.nn.functional.dropout(x, self.qtune_dropout, self.training), self.weight)
+
+
+def lora_inputs_stay_in_compute_dtype(model) -> int:
+    """Stop peft casting each LoRA layer's input to the LoRA weights' dtype (fp32) under mixed precision.
+
+    Autocast casts it back to bf16/fp16 for the matmul, so each of q, k, v (and gate, up) keeps its own copy of the
+    normed input for the backward pass, where one shared bf16 tensor would do: measured on CPU in bf16, 17.4 KiB
+    -> 12.6 KiB per token and layer of the bench model with dropout. The matmul sees the same values either way.
+    Only while training under autocast: an adapter loaded to chat keeps peft's default. Returns the layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "cast_input_dtype_enabled", None) is True:
+            module.cast_input_dtype_enabled = False
             changed += 1
     return changed

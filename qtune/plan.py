@@ -73,10 +73,10 @@ def activation_bytes_per_token_per_layer(
 
     Frozen 4-bit matmuls keep no input for a weight gradient. The RMSNorms keep their input (qtune/lean_ops.py;
     transformers' keep an fp32 copy) and their output feeds the LoRA branches after them (one shared tensor for q/k/v
-    and one for gate/up: peft's cast to fp32 is off, qtune.model.lora_inputs_stay_in_compute_dtype); attention
+    and one for gate/up: peft's cast to fp32 is off, qtune.lean_ops.lora_inputs_stay_in_compute_dtype); attention
     (SDPA) keeps q, k, v, the output and the log-sum-exp, and o_proj's LoRA its input; the MLP keeps gate and up
     (and SiLU's output, without the lean ops) and their product, down's input. With dropout, each LoRA branch adds
-    a 1-byte mask (qtune.model.lean_lora_dropout).
+    a 1-byte mask (qtune.lean_ops.lean_lora_dropout).
     """
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
@@ -171,7 +171,7 @@ def plan_training(
     activations = activations_by_mode[mode]
     parts = {
         "quantized_base": quantized_bytes,
-        "unquantized_parts_fp32": unquantized_bytes,
+        "unquantized_parts": unquantized_bytes,
         "lora_weights_grads_optimizer": lora_bytes,
         "activations": activations,
         "logits_and_loss": logits,

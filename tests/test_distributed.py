@@ -136,3 +136,80 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
     assert model_stage.device_map() is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert model_stage.build_quantization_config(QuantSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adapter_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_two_nodes_match_one_process(tmp_path, pretrained_llama, alpaca_file):
+    """torchrun's multi-node launch (static rendezvous: one command per node, --node_rank 0 and 1), here two "nodes"
+    of one process each on this machine, against one process with the same global batch: the same losses, gradient
+    norms and adapter."""
+    raw = recipe_dict(
+        pretrained_llama,
+        alpaca_file,
+        tmp_path / "nodes",
+        train={"micro_batch_size": 2, "max_steps": 4, "save_steps": 4, "eval_steps": 4},
+    )
+    recipe = write_recipe(tmp_path / "nodes.yaml", raw)
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", QTUNE_SAMPLE_TRACE="1")
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+            + ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+            + ["-m", "qtune", "train", str(recipe)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    single = run_qtune(
+        [sys.executable, "-m", "qtune", "train", str(recipe)]
+        + ["--set", f"train.output_dir={tmp_path / 'single'}", "--set", "train.grad_accum=2"]
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = tmp_path / "nodes", tmp_path / "single"
+    assert json.loads((two / "metrics.json").read_text())["world_size"] == 2
+    fingerprints = [json.loads((two / "sample_trace" / f"final-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]  # both nodes end with the same adapter
+    two_losses, one_losses = step_losses(two, 4), step_losses(one, 4)
+    assert len(two_losses) == 4
+    for (step, loss, norm), (_, loss_one, norm_one) in zip(two_losses, one_losses):
+        assert loss == pytest.approx(loss_one, rel=1e-4), step
+        assert norm == pytest.approx(norm_one, rel=1e-4), step
+    import torch
+
+    nodes_adapter, single_adapter = adapter_weights(two), adapter_weights(one)
+    assert nodes_adapter.keys() == single_adapter.keys()
+    for name, weight in nodes_adapter.items():
+        assert torch.allclose(weight, single_adapter[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fsdp_on_a_cpu_is_one_line_not_a_traceback(tmp_path, tiny_llama, alpaca_file, run_cli, monkeypatch):
+    """accelerate's FSDP plugin refuses a CPU (measured: `accelerate launch --config_file fsdp_qlora.yaml` with
+    use_cpu raises "There are currently no available devices found" inside the Trainer): qtune says so first."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    code, _out, err = run_cli(
+        "train", write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama, alpaca_file, tmp_path / "run"))
+    )
+    assert code == 4
+    assert err.strip().splitlines()[-1].startswith("qtune: error: FSDP needs GPUs") and "torchrun" in err
+    assert "Traceback" not in err

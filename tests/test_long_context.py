@@ -212,6 +212,7 @@ def test_plan_counts_what_autograd_keeps_per_layer(tmp_path, dtype, dropout):
     """The plan's bytes per token and layer against the tensors autograd really saves in one decoder layer (each
     storage counted once), in fp32 and under bf16 autocast as on a GPU, the way qtune trains (LoRA inputs not cast)."""
     from qtune import model as model_stage
+    from qtune.lean_ops import lora_inputs_stay_in_compute_dtype
     from qtune.plan import activation_bytes_per_token_per_layer, training_shape
     from qtune.recipe import LoraSection, ModelSection, QuantSection
     from qtune.tiny_models import write_tiny_model
@@ -221,7 +222,7 @@ def test_plan_counts_what_autograd_keeps_per_layer(tmp_path, dtype, dropout):
     model = model_stage.attach_lora(base, LoraSection(r=8, alpha=16, dropout=dropout), gradient_checkpointing=False)
     model_stage.keep_trainable_in_fp32(model)
     if dtype != torch.float32:
-        assert model_stage.lora_inputs_stay_in_compute_dtype(model) == 7 * 2
+        assert lora_inputs_stay_in_compute_dtype(model) == 7 * 2
     model.train()
     saved, inside = {}, [False]
     layer = base.model.layers[1]

@@ -296,9 +296,7 @@ def test_the_cpu_plan_counts_the_tokenizer_and_the_training_runtime(tmp_path, ti
     assert plans["small"]["cpu"]["parts"]["tokenizer"] == config["vocab_size"] * TOKENIZER_BYTES_PER_VOCAB_ENTRY
     parts = big["parts"]
     checkpoint = inventory(load_config(str(folder))).total * 4  # the fp32 checkpoint, mapped while loading
-    resident = (
-        parts["framework_overhead"] + parts["tokenizer"] + parts["quantized_base"] + parts["unquantized_parts_fp32"]
-    )
+    resident = parts["framework_overhead"] + parts["tokenizer"] + parts["quantized_base"] + parts["unquantized_parts"]
     assert big["loading_bytes"] == resident + checkpoint  # the tokenizer is loaded before the model
     for name in plans:
         assert plans[name]["cuda"]["parts"]["tokenizer"] == plans[name]["cuda"]["parts"]["training_runtime"] == 0

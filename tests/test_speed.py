@@ -208,7 +208,7 @@ def test_lean_lora_dropout_equals_peft_dropout(pretrained_qwen2):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qtune.model import lean_lora_dropout
+    from qtune.lean_ops import lean_lora_dropout
 
     def build():
         torch.manual_seed(0)
@@ -253,7 +253,7 @@ def test_lean_lora_dropout_under_autocast_equals_peft_dropout(pretrained_qwen2):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qtune.model import lean_lora_dropout, lora_inputs_stay_in_compute_dtype
+    from qtune.lean_ops import lean_lora_dropout, lora_inputs_stay_in_compute_dtype
 
     def build(lean: bool):
         torch.manual_seed(0)

@@ -148,6 +148,9 @@ def out_of_memory(recipe: Recipe, trainer, error: Exception, *, use_cpu: bool) -
         plan = plan_training(
             recipe, device="cpu" if use_cpu else "cuda", compute_bytes=4 if use_cpu else 2, budget_bytes=budget
         )
+        if plan.get("largest_max_length", 0) >= recipe.data.max_length:
+            # the plan thought this length fits: it was a few % short (allocator fragmentation, kernels' workspace)
+            plan["largest_max_length"] = int(recipe.data.max_length * 0.9) // 256 * 256
         advice = fit_advice(plan) + " (qtune plan shows the breakdown)"
     except QtuneError:
         advice = "shorten data.max_length or turn on train.gradient_checkpointing"

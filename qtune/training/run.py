@@ -25,7 +25,7 @@ from qtune import distributed, hub, testhooks
 from qtune import model as model_stage
 from qtune.checkpoints import MANIFEST
 from qtune.cpu_threads import FreeCoreThreads
-from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, QtuneError
+from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError
 from qtune.fsutil import write_json_atomically, write_text_atomically
 from qtune.recipe import Recipe, recipe_to_yaml
 from qtune.run_dir import ADAPTER, EVAL_BEFORE, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
@@ -127,6 +127,13 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     if recipe.hub.repo_id:
         hub.require_token()  # before hours of training, not after
     use_cpu = not torch.cuda.is_available()
+    if use_cpu and model_stage.under_fsdp():
+        # accelerate's FSDP plugin refuses a machine without an accelerator, with a traceback from deep inside
+        # the Trainer (accelerate 1.15: "There are currently no available devices found"), after the model load
+        raise EnvironmentProblem(
+            "FSDP needs GPUs: accelerate's FSDP plugin does not run on a CPU",
+            fix="on a CPU use DDP: torchrun --standalone --nproc_per_node N -m qtune train RECIPE",
+        )
     cpu_threads = None
     if use_cpu:
         cpu_threads = FreeCoreThreads(echo)

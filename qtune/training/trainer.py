@@ -16,6 +16,7 @@ from qtune import loss as loss_stage
 from qtune import model as model_stage
 from qtune.batching import PackedCollator
 from qtune.fsutil import disk_full, is_disk_full
+from qtune.lean_ops import lora_inputs_stay_in_compute_dtype
 from qtune.offload import ActivationsToCPU
 from qtune.recipe import HubSection, LogSection
 from qtune.testhooks import fault_point
@@ -154,7 +155,7 @@ def build_trainer(
     )
     model_stage.keep_trainable_in_fp32(trainer.model)
     if config.bf16 or config.fp16:  # the Trainer runs every forward pass under autocast
-        model_stage.lora_inputs_stay_in_compute_dtype(trainer.model)
+        lora_inputs_stay_in_compute_dtype(trainer.model)
     distributed.check_world_size(trainer.args.world_size)
     testhooks.traced(trainer, run_dir)
     trainer.remove_callback(ProgressCallback)

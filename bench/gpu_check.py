@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -412,6 +413,40 @@ def section_environment(kit: Kit) -> None:
             entry["gpu"] = f"none (dry run on {os.cpu_count()} CPU cores)"
         kit.results["matmul_flops"] = matmul_rate(seconds=1.0)
         entry["matmul_tflops"] = round(kit.results["matmul_flops"] / 1e12, 2)
+        entry["sdpa_packed_rows"] = sdpa_backends_for_packed_rows(kit.device)
+
+
+def sdpa_backends_for_packed_rows(device: str) -> dict:
+    """Which attention kernels run a packed row (a block-diagonal causal mask, 8B-shape heads, fp16 on a GPU), and
+    the peak memory of its forward and backward with each: the first suspect for the plan's -20% on short packed
+    rows on the GPU. On a CPU (the dry run) only which kernels run."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    on_gpu = device == "cuda"
+    tokens, heads, dim = (512, 32, 128) if on_gpu else (64, 2, 16)
+    dtype = torch.float16 if on_gpu else torch.bfloat16
+    q, k, v = (torch.randn(1, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    sample = torch.arange(tokens, device=device) // (tokens // 4)  # four samples in the row
+    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+    mask = ((sample[:, None] == sample[None, :]) & causal)[None, None]
+    found = {}
+    backends = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
+    for backend in (*backends, None):
+        name = backend.name if backend is not None else "default"
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if on_gpu else 0
+        try:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+            found[name] = {"runs": True}
+            if on_gpu:
+                found[name]["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+        except RuntimeError as e:
+            found[name] = {"runs": False, "why": str(e).splitlines()[0][:160]}
+    return found
 
 
 def section_models(kit: Kit) -> dict:

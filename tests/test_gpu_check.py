@@ -24,6 +24,7 @@ def test_the_gpu_kit_dry_run_passes_every_section(tmp_path):
     assert {name: s["status"] for name, s in sections.items()} == {**dict.fromkeys(ran, "ok"), "fsdp_2gpu": "skipped"}
     # FSDP needs 2 GPUs (accelerate's FSDP plugin refuses a CPU): skipped, and said why
     assert sections["fsdp_2gpu"]["why"] == "needs 2 GPUs, this machine has 0"
+    assert sections["environment"]["sdpa_packed_rows"]["MATH"]["runs"]  # the probe for the next GPU session runs
     t4 = sections["t4_fp16"]
     assert t4["losses_finite"] and len(t4["losses"]) == 4
     assert t4["resume_exit"] == 0 and t4["resume_max_loss_difference"] == 0.0  # a CPU resumes bit-identically

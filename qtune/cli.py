@@ -162,6 +162,7 @@ def cmd_validate(args) -> int:
     from qtune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_local_model(recipe)
     steps = f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs"
     print(
         f"ok: {args.recipe}: {recipe.model.name} in {recipe.quant.type}, LoRA r={recipe.lora.r}, "
@@ -170,10 +171,28 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def check_local_model(recipe) -> None:
+    """What a local model's config.json already says about the recipe (no torch, no download): exports it cannot
+    have. A Hub model is checked at the start of `qtune train`, before the model loads."""
+    import json
+    from pathlib import Path
+
+    from qtune.recipe import export_formats_problem
+
+    config = Path(recipe.model.name).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    model_type = json.loads(config.read_text()).get("model_type", "")
+    problem = export_formats_problem(recipe.export.formats, model_type)
+    if problem:
+        raise QtuneError(problem, where=str(config), fix="change export.formats", code=EXIT_RECIPE)
+
+
 def cmd_train(args) -> int:
     from qtune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # recipe mistakes surface before torch is imported
+    check_local_model(recipe)
     if distributed.rank() == 0:
         check_run_folder(recipe.train.output_dir, resume=args.resume)  # and folder mistakes too
     quiet_library_noise()

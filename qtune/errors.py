@@ -15,6 +15,7 @@ EXIT_DATA = 3  # dataset files, columns, formats, masking
 EXIT_ENVIRONMENT = 4  # model not found, GPU, disk, missing package, permissions
 EXIT_INTEGRITY = 5  # checkpoint or export integrity
 EXIT_DIVERGED = 6  # training stopped: the loss was NaN or infinite for train.max_nonfinite_steps steps in a row
+EXIT_FIDELITY = 7  # an exported artifact fails the fidelity gate (NaN, or top-1 agreement under its format's floor)
 EXIT_PIPE_CLOSED = 141  # the reader of stdout closed the pipe (`| head`), as a shell reports SIGPIPE
 EXIT_INTERRUPTED = 75  # stopped by SIGTERM / Ctrl-C after saving a checkpoint: resume with --resume (EX_TEMPFAIL)
 

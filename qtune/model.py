@@ -138,12 +138,28 @@ def device_map() -> dict | None:
     return {"": "cpu"}
 
 
+def attention_implementation(config, requested: str) -> str:
+    """The attention kernel for this model, chosen in one place: SDPA, or eager where the model soft-caps its
+    attention logits (Gemma 2), which SDPA cannot do (transformers refuses to load Gemma 2 with it)."""
+    softcapped = getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None
+    if requested == "auto":
+        return "eager" if softcapped else "sdpa"
+    if softcapped and requested != "eager":
+        raise RecipeError(
+            f"model.attn_implementation {requested} cannot soft-cap attention logits as {config.model_type} does",
+            fix="use auto or eager",
+        )
+    return requested
+
+
 def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dtype):
     """The base model with every linear layer in 4-bit, ready for LoRA training."""
     from transformers import AutoModelForCausalLM
 
     source, kwargs = model_source(model)
-    saved = saved_quantization(load_model_config(model))
+    config = load_model_config(model)
+    attention = attention_implementation(config, model.attn_implementation)
+    saved = saved_quantization(config)
     if saved is None:
         kwargs["quantization_config"] = build_quantization_config(quant, compute_dtype, fsdp=under_fsdp())
     else:
@@ -155,7 +171,7 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
             source,
             dtype=compute_dtype,
             device_map=device_map(),
-            attn_implementation=model.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=model.trust_remote_code,
             **kwargs,
         )

@@ -128,7 +128,9 @@ def plan_training(
     per_layer = activation_bytes_per_token_per_layer(shape, compute_bytes, recipe.lora.dropout > 0, lean)
     # Eager attention materialises scores and probabilities per layer: b x heads x s^2. SDPA does not, on GPUs and on
     # CPU alike (measured on CPU: the same memory at 4,096 tokens as 16 x 256, 8 x 512 or 4 x 1024).
-    fused_attention = recipe.model.attn_implementation != "eager"
+    from qtune.model import attention_implementation
+
+    fused_attention = attention_implementation(config, recipe.model.attn_implementation) != "eager"
     score_bytes = 0 if fused_attention else shape.heads * recipe.data.max_length**2 * compute_bytes * 2
     # Per token of the row in flight, for each way of keeping activations. With checkpointing: the layer inputs
     # kept, one layer recomputed at a time. With offloading too (qtune/offload.py): the layer inputs wait in CPU

@@ -31,8 +31,9 @@ class ModelSection(Section):
     """Branch, tag or 40-hex commit of the Hub repo. Pin a commit to allow trust_remote_code."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Only allowed with a pinned commit revision."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel passed to transformers. auto: SDPA, or eager for models whose attention soft-caps its
+    logits (Gemma 2), which SDPA cannot do."""
 
     @model_validator(mode="after")
     def _remote_code_needs_pinned_revision(self) -> ModelSection:
@@ -180,6 +181,23 @@ class LogSection(Section):
 
 
 EXPORT_FORMATS = ("adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
+# llama.cpp's architecture for each transformers model_type qtune's GGUF writer handles (Mistral is written as
+# llama, as llama.cpp's converter does)
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+def export_formats_problem(formats, model_type: str) -> str | None:
+    """Why some of `formats` cannot be written for a model of `model_type` (read from config.json), or None."""
+    gguf = [f for f in formats if f.startswith("gguf_")]
+    if gguf and model_type not in GGUF_ARCHITECTURES:
+        working = [f for f in EXPORT_FORMATS if not f.startswith("gguf_")]
+        return (
+            f"GGUF export ({', '.join(gguf)}) does not support the '{model_type}' architecture (GGUF: "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}); for this model: {', '.join(working)}"
+        )
+    return None
+
+
 MERGE_BASES = ("dequantized", "original")
 PUSH_TARGETS = ("adapter", "merged", "nf4", "gguf")
 

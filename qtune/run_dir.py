@@ -53,6 +53,7 @@ MERGED_FORMATS = {"merged_fp16": "float16", "merged_bf16": "bfloat16"}
 GGUF_FORMATS = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
 MODELFILE_SUFFIX = ".Modelfile"  # Ollama's recipe beside each GGUF file
 MERGE_WORK = ".merged-fp16-work"  # the fp16 merge the GGUF and NF4 writers start from, when not kept
+REJECTED_SUFFIX = ".bad"  # an artifact that failed the fidelity gate, kept aside (export/run.py)
 EXPORT_ENTRIES = frozenset(
     {
         MARKER,
@@ -61,6 +62,7 @@ EXPORT_ENTRIES = frozenset(
         MERGE_WORK,
         *ARTIFACTS.values(),
         *(name + MODELFILE_SUFFIX for name in ARTIFACTS.values() if name.endswith(".gguf")),
+        *(name + REJECTED_SUFFIX for name in ARTIFACTS.values()),
     }
 )
 

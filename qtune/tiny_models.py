@@ -141,7 +141,7 @@ def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
     )
 
 
-FAMILIES = ("llama", "qwen2")
+FAMILIES = ("llama", "qwen2", "gemma2")
 
 
 def build_model(
@@ -155,9 +155,10 @@ def build_model(
     intermediate: int = 512,
     seed: int = 0,
     tie_embeddings: bool = False,
+    config_extra: dict | None = None,
 ):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
     vocab = len(tokenizer)
     common = dict(
@@ -172,11 +173,14 @@ def build_model(
         eos_token_id=[t for t in (tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")) if t is not None],
         tie_word_embeddings=tie_embeddings,
         torch_dtype="float32",
+        **(config_extra or {}),  # e.g. Llama 3's rope_scaling
     )
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "qwen2":
         config = Qwen2Config(**common)
+    elif family == "gemma2":  # logit soft-capping, alternating sliding window, query_pre_attn_scalar
+        config = Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=hidden // heads, sliding_window=64)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     torch.manual_seed(seed)

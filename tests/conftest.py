@@ -157,3 +157,27 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+# Llama 3.1's rope scaling with its original context cut to 32 positions, so tests reach the scaled region
+LLAMA3_ROPE = {
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "rope_theta": 500000.0,
+}
+
+
+@pytest.fixture(scope="session")
+def llama3_run(tmp_path_factory, alpaca_file):
+    """A run on a Llama-3-style model: llama3 rope scaling (original context 32 positions)."""
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(
+        tmp_path_factory.mktemp("models") / "llama3", "llama", pretrain_steps=30, config_extra=LLAMA3_ROPE, **TINY_SHAPE
+    )
+    return train_run(tmp_path_factory, base, alpaca_file, "llama3-run")

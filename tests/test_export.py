@@ -246,3 +246,56 @@ def test_recipe_export_section_runs_after_training(tmp_path, tiny_llama, alpaca_
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "export" / "export_report.json").read_text())
     assert report["artifacts"]["gguf_f16"]["top1_agreement"] >= 0.999
+
+
+def test_an_artifact_under_its_fidelity_floor_fails_the_export_and_is_kept_aside(llama_run, tmp_path, monkeypatch):
+    from qtune.errors import EXIT_FIDELITY
+    from qtune.export import run as export_run
+
+    monkeypatch.setattr(export_run, "FOUR_BIT_FLOOR", 1.01)  # no 4-bit artifact reaches it
+    out = tmp_path / "export"
+    lines = []
+    with pytest.raises(QtuneError) as failure:
+        export(llama_run, ["merged_fp16", "nf4"], out_dir=out, eval_samples=4, echo=lines.append)
+    assert failure.value.code == EXIT_FIDELITY
+    assert "nf4 top-1" in failure.value.line() and "kept aside as nf4.bad" in failure.value.line()
+    assert any("merged_fp16" in line and "nf4" in line for line in lines)  # the table was printed
+    assert (out / "nf4.bad" / "config.json").is_file() and not (out / "nf4").exists()
+    assert (out / "merged-fp16" / "config.json").is_file()  # the artifact that passed is where it belongs
+    report = json.loads((out / "export_report.json").read_text())["artifacts"]
+    assert report["nf4"]["rejected"] and report["nf4"]["path"].endswith("nf4.bad")
+    assert "rejected" not in report["merged_fp16"]
+    # a later export that passes replaces the rejected copy
+    monkeypatch.setattr(export_run, "FOUR_BIT_FLOOR", 0.0)
+    export(llama_run, ["nf4"], out_dir=out, eval_samples=4, echo=lambda *_: None)
+    assert (out / "nf4" / "config.json").is_file() and not (out / "nf4.bad").exists()
+
+
+def test_a_nan_artifact_fails_the_gate_whatever_its_agreement(tmp_path):
+    from qtune.export.run import fidelity_gate
+
+    artifact = tmp_path / "nf4"
+    artifact.mkdir()
+    row = {"perplexity": float("nan"), "mean_kl": float("nan"), "top1_agreement": 1.0}
+    failed = fidelity_gate({"artifacts": {"nf4": row}}, {"nf4": artifact})
+    assert len(failed) == 1 and "perplexity nan" in failed[0]
+    assert (tmp_path / "nf4.bad").is_dir() and row["rejected"]
+
+
+def test_llama3_rope_scaling_reaches_the_gguf(llama3_run, tmp_path):
+    """llama.cpp reads Llama 3's rope scaling from a `rope_freqs` tensor (its converter writes one): without it the
+    GGUF runs plain rope. The factors must be the ones transformers computes for the merged model."""
+    import gguf
+    from transformers import AutoConfig
+
+    from qtune.export.gguf import extra_tensors
+
+    export(llama3_run, ["gguf_f16"], out_dir=tmp_path, eval_samples=4, echo=lambda *_: None)
+    reader = gguf.GGUFReader(tmp_path / "model-f16.gguf")
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    from qtune.run_dir import open_run
+
+    expected = extra_tensors(AutoConfig.from_pretrained(open_run(llama3_run).recipe.model.name))
+    factors = tensors["rope_freqs.weight"]
+    assert factors.shape == (32 // 2,) and factors[0] == 1.0 and factors[-1] == 8.0  # head_dim 32: 16 frequencies
+    assert np.array_equal(factors, expected["rope_freqs.weight"])

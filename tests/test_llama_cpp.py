@@ -61,3 +61,26 @@ def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
         "stop",
         "length",
     )
+
+
+def test_llama_cpp_follows_llama3_rope_scaling_past_the_original_context(llama3_run, tmp_path):
+    """Positions past the original context (32 here) are where llama3 rope scaling changes the model: llama.cpp must
+    agree with the merged model there as closely as it does for a model without scaling (it did not before qtune
+    wrote the rope_freqs tensor: 0.008 against 0.0003 within 160 tokens)."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export(llama3_run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path, eval_samples=2, echo=lambda *_: None)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged-fp16")
+    ids = tokenizer(" ".join(["the river is green and blue"] * 30)).input_ids[:160]
+    assert len(ids) == 160
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model-f16.gguf"), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids)
+    cpp_logits = np.array(llm.eval_logits)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-fp16", dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
+    past = np.abs(cpp_logits[32:] - hf_logits[32:]).max()
+    print(f"llama.cpp f16, llama3 rope: max |Δlogit| past position 32: {past:.5f}")
+    assert past < 0.002

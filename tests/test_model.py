@@ -160,3 +160,44 @@ def test_a_one_token_row_trains_with_exact_gradients(tiny_llama, cpu_with_avx512
     one, twice = gradients([[17]]), gradients([[17], [17]])
     assert one.abs().sum() > 0
     torch.testing.assert_close(2 * one, twice, rtol=1e-4, atol=1e-6)
+
+
+def test_the_attention_kernel_is_chosen_per_family():
+    from transformers import Gemma2Config, LlamaConfig
+
+    from qtune.errors import RecipeError
+
+    assert model_stage.attention_implementation(LlamaConfig(), "auto") == "sdpa"
+    assert model_stage.attention_implementation(Gemma2Config(), "auto") == "eager"  # soft-capped attention logits
+    assert model_stage.attention_implementation(Gemma2Config(), "eager") == "eager"
+    with pytest.raises(RecipeError, match="soft-cap"):
+        model_stage.attention_implementation(Gemma2Config(), "sdpa")
+
+
+def test_gemma2_loads_and_trains(tmp_path, alpaca_file, run_cli):
+    """It did not load at all: transformers refuses Gemma 2 with SDPA, and qtune asked for SDPA."""
+    from conftest import TINY_SHAPE, recipe_dict, write_recipe
+
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path / "gemma2", "gemma2", **TINY_SHAPE)
+    raw = recipe_dict(base, alpaca_file, tmp_path / "run", train={"max_steps": 2, "save_steps": 2, "eval_steps": 2})
+    code, _out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_export_format_the_architecture_lacks_is_refused_before_training(tmp_path, alpaca_file, run_cli):
+    from conftest import TINY_SHAPE, recipe_dict, write_recipe
+
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path / "gemma2", "gemma2", **TINY_SHAPE)
+    raw = recipe_dict(base, alpaca_file, tmp_path / "run", export={"formats": ["merged_fp16", "gguf_q8_0"]})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    for command in ("validate", "train"):
+        code, _out, err = run_cli(command, recipe)
+        assert code == 2, err
+        assert "GGUF export (gguf_q8_0) does not support the 'gemma2' architecture" in err
+        assert "for this model: adapter, merged_fp16, merged_bf16, nf4" in err
+    assert not (tmp_path / "run").exists()

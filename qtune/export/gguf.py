@@ -15,11 +15,9 @@ import numpy as np
 from qtune.data import alpaca_prompt
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError
 from qtune.fsutil import publish, staging_dir_for
+from qtune.recipe import GGUF_ARCHITECTURES
 from qtune.testhooks import fault_point
 from qtune.weights import checkpoint_tensors
-
-# llama.cpp architecture per transformers model_type; Mistral is written as llama, as llama.cpp's converter does.
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 def permute_for_llama_rotary(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -173,6 +171,9 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
             writer.add_token_scores(scores)
         add_special_tokens(writer, merged_dir, tokenizer, merges)
 
+        extra = extra_tensors(config)
+        for gguf_name, data in extra.items():
+            writer.add_tensor_info(gguf_name, data.shape, data.dtype, data.nbytes)
         shapes = {}
         for gguf_name, hf_name, ggml_type in plan:
             shape = tensor_shape(location, hf_name)
@@ -190,6 +191,8 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         writer.write_header_to_file(path=staging)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        for data in extra.values():
+            writer.write_tensor_data(data)
         for index, (_, hf_name, ggml_type) in enumerate(plan):
             data = read_tensor(location, hf_name)
             if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
@@ -213,6 +216,27 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         raise
     echo(f"export: {target.name}: {target.stat().st_size / 2**20:.1f} MiB ({quant})")
     return target
+
+
+def extra_tensors(config) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp needs that are not weights of the checkpoint: for llama3 rope scaling (Llama 3.1 and
+    later), `rope_freqs`, the factor each rotary frequency is divided by. Without it llama.cpp runs the model with
+    plain rope, which drifts from the trained model as positions grow (measured: max |Δlogit| 0.008 within 160
+    tokens on a tiny model, against 0.0003 for a model without scaling). The factors come from transformers' own
+    llama3 rope, so they are what the merged model computes."""
+    import gguf
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    text = config.get_text_config()
+    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if parameters.get("rope_type") != "llama3":
+        return {}
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](text, "cpu")
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    plain = 1.0 / (rope_theta(text) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    factors = (plain / scaled).numpy().astype(np.float32)
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": factors}
 
 
 def rope_theta(config) -> float:

@@ -25,9 +25,9 @@ from qtune import distributed, hub, testhooks
 from qtune import model as model_stage
 from qtune.checkpoints import MANIFEST
 from qtune.cpu_threads import FreeCoreThreads
-from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError
+from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError, RecipeError
 from qtune.fsutil import write_json_atomically, write_text_atomically
-from qtune.recipe import Recipe, recipe_to_yaml
+from qtune.recipe import Recipe, export_formats_problem, recipe_to_yaml
 from qtune.run_dir import ADAPTER, EVAL_BEFORE, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
 from qtune.training.callbacks import (
     FollowFreeCores,
@@ -149,6 +149,9 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     checkpointing, offload = resolve_memory_savers(
         recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo
     )
+    problem = export_formats_problem(recipe.export.formats, model_stage.load_model_config(recipe.model).model_type)
+    if problem:  # found now, not after hours of training
+        raise RecipeError(problem, fix="change export.formats")
     tokenizer = model_stage.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
         tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args) -> int:
-    from qtune.recipe import load_recipe
+    from qtune.recipe import check_local_model, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_local_model(recipe)
@@ -171,25 +171,8 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def check_local_model(recipe) -> None:
-    """What a local model's config.json already says about the recipe (no torch, no download): exports it cannot
-    have. A Hub model is checked at the start of `qtune train`, before the model loads."""
-    import json
-    from pathlib import Path
-
-    from qtune.recipe import export_formats_problem
-
-    config = Path(recipe.model.name).expanduser() / "config.json"
-    if not config.is_file():
-        return
-    model_type = json.loads(config.read_text()).get("model_type", "")
-    problem = export_formats_problem(recipe.export.formats, model_type)
-    if problem:
-        raise QtuneError(problem, where=str(config), fix="change export.formats", code=EXIT_RECIPE)
-
-
 def cmd_train(args) -> int:
-    from qtune.recipe import load_recipe
+    from qtune.recipe import check_local_model, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # recipe mistakes surface before torch is imported
     check_local_model(recipe)

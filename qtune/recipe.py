@@ -7,6 +7,7 @@ module imports neither torch nor any Hugging Face library.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -196,6 +197,16 @@ def export_formats_problem(formats, model_type: str) -> str | None:
             f"{', '.join(sorted(GGUF_ARCHITECTURES))}); for this model: {', '.join(working)}"
         )
     return None
+
+
+def check_local_model(recipe: Recipe) -> None:
+    """What a local model's config.json already says against the recipe (no torch, no download): exports its
+    architecture cannot have. A Hub model is checked at the start of `qtune train`, before the model loads."""
+    config = Path(recipe.model.name).expanduser() / "config.json"
+    if config.is_file():
+        problem = export_formats_problem(recipe.export.formats, json.loads(config.read_text()).get("model_type", ""))
+        if problem:
+            raise RecipeError(problem, where=str(config), fix="change export.formats")
 
 
 MERGE_BASES = ("dequantized", "original")

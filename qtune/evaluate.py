@@ -19,6 +19,7 @@ from qtune.memory import PRECISIONS, inventory, load_config, weight_memory
 from qtune.model import (
     choose_pad_token,
     device_map,
+    half_dtype,
     keep_cpu_4bit_layout_trainable,
     load_adapter_model,
     resolve_compute_dtype,
@@ -55,10 +56,14 @@ def fidelity_samples(
 def load_artifact(fmt: str, path: Path, on_gpu: bool):
     """Each artifact the way its users load it: transformers for merged and nf4, transformers' GGUF reader for
     GGUF. Evaluated in fp32 on CPU (so only the file's own precision shows), in fp16 on a GPU (memory)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     placement = {"device_map": device_map()} if on_gpu else {}
-    dtype = torch.float16 if on_gpu else torch.float32
+    if on_gpu:  # the 16-bit dtype the model family is safe in (bf16 for Gemma, whose activations overflow fp16)
+        source = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if fmt.startswith("gguf") else None
+        dtype = half_dtype(source or AutoConfig.from_pretrained(path))
+    else:
+        dtype = torch.float32
     if fmt in MERGED_FORMATS:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     if fmt == "nf4":

@@ -5,28 +5,27 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from qtune.export.merge import copy_tokenizer
 from qtune.fsutil import publish, staging_dir_for
-from qtune.model import device_map, keep_cpu_4bit_layout_trainable
+from qtune.model import device_map, half_dtype, keep_cpu_4bit_layout_trainable
 from qtune.run_dir import TrainedRun
 from qtune.testhooks import fault_point
 
 
 def write_nf4(merged_dir: Path, target: Path, run: TrainedRun, echo=print) -> Path:
     """The merged weights re-quantized to 4-bit with double quantization; loads with no extra arguments."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+    # fp16, the compute dtype every GPU has, except for families whose activations overflow it (bf16 for those)
+    half = half_dtype(AutoConfig.from_pretrained(merged_dir))
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=run.recipe.quant.type,
         bnb_4bit_use_double_quant=run.recipe.quant.double_quant,
-        # fp16 is the compute dtype every GPU has; on CPU bitsandbytes follows the input dtype anyway.
-        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_compute_dtype=half,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        merged_dir, quantization_config=config, dtype=torch.float16, device_map=device_map()
+        merged_dir, quantization_config=config, dtype=half, device_map=device_map()
     )
     keep_cpu_4bit_layout_trainable(model)  # a saved file must hold the standard layout, never the CPU repack
     staging = staging_dir_for(target)

@@ -184,7 +184,7 @@ class LogSection(Section):
 EXPORT_FORMATS = ("adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
 # llama.cpp's architecture for each transformers model_type qtune's GGUF writer handles (Mistral is written as
 # llama, as llama.cpp's converter does)
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def export_formats_problem(formats, model_type: str) -> str | None:

@@ -141,7 +141,7 @@ def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
     )
 
 
-FAMILIES = ("llama", "qwen2", "gemma2")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma2")
 
 
 def build_model(
@@ -158,7 +158,7 @@ def build_model(
     config_extra: dict | None = None,
 ):
     import torch
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     vocab = len(tokenizer)
     common = dict(
@@ -179,6 +179,10 @@ def build_model(
         config = LlamaConfig(**common)
     elif family == "qwen2":
         config = Qwen2Config(**common)
+    elif family == "qwen3":
+        # q/k norms, tied embeddings, and head_dim 128 whatever hidden / heads is, as every published Qwen3 has
+        # (transformers' GGUF reader assumes 128 for Qwen3: it ignores the file's key length)
+        config = Qwen3Config(**{**common, "tie_word_embeddings": True}, head_dim=128)
     elif family == "gemma2":  # logit soft-capping, alternating sliding window, query_pre_attn_scalar
         config = Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=hidden // heads, sliding_window=64)
     else:

@@ -181,3 +181,16 @@ def llama3_run(tmp_path_factory, alpaca_file):
         tmp_path_factory.mktemp("models") / "llama3", "llama", pretrain_steps=30, config_extra=LLAMA3_ROPE, **TINY_SHAPE
     )
     return train_run(tmp_path_factory, base, alpaca_file, "llama3-run")
+
+
+@pytest.fixture(scope="session")
+def pretrained_qwen3(tmp_path_factory) -> Path:
+    from qtune.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "pre-qwen3", "qwen3", pretrain_steps=60, **TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def qwen3_run(tmp_path_factory, pretrained_qwen3, alpaca_file):
+    """Qwen3: q/k norms, tied embeddings, head_dim 128 where hidden / heads is 32."""
+    return train_run(tmp_path_factory, pretrained_qwen3, alpaca_file, "qwen3-run")

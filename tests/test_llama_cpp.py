@@ -13,9 +13,11 @@ from qtune.metrics import DECISIVE_MARGIN
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece", "qwen3"])
 def exported(request, tmp_path_factory):
-    run = request.getfixturevalue("llama_run" if request.param == "bpe" else "spm_llama_run")
+    run = request.getfixturevalue(
+        {"bpe": "llama_run", "sentencepiece": "spm_llama_run", "qwen3": "qwen3_run"}[request.param]
+    )
     out = tmp_path_factory.mktemp("gguf")
     export(
         run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2, echo=lambda *_: None

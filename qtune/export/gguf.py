@@ -159,6 +159,9 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv_heads)
         writer.add_rope_dimension_count(head_dim)
+        if head_dim != config.hidden_size // heads:  # Qwen3 and others: llama.cpp reads the head size from these
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
         writer.add_rope_freq_base(float(rope_theta(config)))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(len(tokens))

@@ -56,3 +56,91 @@ def test_families_whose_activations_overflow_fp16_get_bf16_artifacts():
 
     assert half_dtype(Gemma2Config()) == half_dtype(Gemma3TextConfig()) == torch.bfloat16
     assert half_dtype(LlamaConfig()) == half_dtype(Qwen2Config()) == torch.float16
+
+
+FAMILY_CASES = {
+    "llama": ("llama", None),
+    "llama3-rope": ("llama", "LLAMA3_ROPE"),
+    "qwen2": ("qwen2", None),
+    "qwen3": ("qwen3", None),
+    "gemma2": ("gemma2", None),  # eager attention, soft-capped logits, sliding window
+}
+
+
+def family_lora_models(name: str, tokenizer):
+    """(plain, qtune's) LoRA models of one family with the same weights: the plain one as transformers and peft give
+    it, qtune's with the attention kernel qtune picks for the family and the lean ops on."""
+    import copy
+
+    import conftest
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qtune.lean_ops import use_lean_ops
+    from qtune.model import attention_implementation
+    from qtune.tiny_models import build_model
+
+    family, extra = FAMILY_CASES[name]
+    base = build_model(
+        family, tokenizer, **conftest.TINY_SHAPE, config_extra=getattr(conftest, extra) if extra else None
+    )
+    if family == "gemma2":
+        # Gemma 2 caps at 30; a random tiny model's logits are near 0.01, so cap where that changes them
+        base.config.final_logit_softcapping = 0.02
+    base.config._attn_implementation = attention_implementation(base.config, "auto")
+    torch.manual_seed(0)
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    fast = copy.deepcopy(plain)
+    use_lean_ops(fast)
+    plain.train()
+    fast.train()
+    return plain, fast
+
+
+def speed_path_against_plain(name: str, tokenizer, *, softcap: bool = True):
+    """(loss, LoRA gradients) of qtune's speed path on one packed micro-batch, and the per-sample reference."""
+    import torch
+    from test_speed import lora_grads, per_sample_reference
+
+    from qtune import loss as loss_stage
+    from qtune.batching import IGNORE, PackedCollator
+
+    generator = torch.Generator().manual_seed(1)
+    samples = []
+    for length in (37, 5, 64, 12, 23, 2, 50, 9):
+        ids = torch.randint(3, 500, (length,), generator=generator).tolist()
+        prompt = int(torch.randint(0, max(1, length - 1), (1,), generator=generator))
+        samples.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    plain, fast = family_lora_models(name, tokenizer)
+    reference = per_sample_reference(plain, samples)
+    batch = PackedCollator(pad_token_id=0, row_tokens=96)(samples)
+    assert batch["input_ids"].shape[0] >= 2
+    fast.zero_grad()
+    head = loss_stage.fused_head_weight(fast)
+    assert head is not None  # every family here takes the supervised-only loss, Gemma 2's soft-capping included
+    with loss_stage.last_hidden_state(fast) as captured:
+        fast(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+    cap = loss_stage.head_softcap(fast) if softcap else None
+    loss_sum, count = loss_stage.supervised_loss_sum(captured["hidden"], batch["labels"], head, cap)
+    loss = loss_sum / count
+    loss.backward()
+    return loss.item(), lora_grads(fast), reference
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_the_speed_path_equals_the_plain_computation_per_family(name, tiny_tokenizer):
+    """Packed rows (block-diagonal through position ids, for each family's attention kernel, sliding window
+    included), the lean RMSNorm / SwiGLU, and the supervised-only loss (with Gemma 2's logit soft-capping), against
+    each sample run alone through the plain model: the same loss and LoRA gradients."""
+    from test_speed import assert_close
+
+    loss, grads, reference = speed_path_against_plain(name, tiny_tokenizer)
+    assert_close(loss, grads, reference)
+
+
+def test_the_control_a_fused_loss_without_gemma2s_soft_capping_differs(tiny_tokenizer):
+    from test_speed import assert_close
+
+    loss, grads, reference = speed_path_against_plain("gemma2", tiny_tokenizer, softcap=False)
+    with pytest.raises(AssertionError):
+        assert_close(loss, grads, reference)

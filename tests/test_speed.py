@@ -134,11 +134,11 @@ def test_fused_loss_is_refused_for_heads_it_would_get_wrong(lora_model):
     from qtune import loss as loss_stage
 
     config = lora_model.config
-    config.final_logit_softcapping = 30.0
+    config.logit_scale = 0.5  # Cohere-style scaled logits: not handled by the fused loss
     try:
         assert loss_stage.fused_head_weight(lora_model) is None
     finally:
-        del config.final_logit_softcapping
+        del config.logit_scale
     head = lora_model.get_output_embeddings()
     head.weight.requires_grad_(True)
     try:

@@ -116,7 +116,9 @@ class QtuneSFTTrainer(SFTTrainer):
         # no KV cache: transformers only builds the packed (block-diagonal) mask without one
         with loss_stage.last_hidden_state(unwrapped) as captured:
             outputs = model(**forward_inputs, use_cache=False, logits_to_keep=1)
-        loss_sum, count = loss_stage.supervised_loss_sum(captured["hidden"], inputs["labels"], head_weight)
+        loss_sum, count = loss_stage.supervised_loss_sum(
+            captured["hidden"], inputs["labels"], head_weight, loss_stage.head_softcap(unwrapped)
+        )
         # The same reduction as Trainer.compute_loss: a sum over the tokens of all accumulated micro-batches
         # (and all ranks: DDP then averages the gradients) when the trainer counted them, else a mean.
         if num_items_in_batch is not None:

@@ -208,7 +208,7 @@ class Kit:
         self.cap_gib = T4_GIB if self.on_gpu else None
         self.results: dict = {"dry_run": dry_run, "sections": {}}
         self.context_from = self.baseline_from = None  # --context-from, --baseline-from
-        self.context_tries = 3
+        self.context_tries = 2
         self.log = (out / "gpu_check.log").open("a")
 
     def left(self) -> float:
@@ -875,7 +875,7 @@ def main() -> int:
     )
     parser.add_argument("--context-from", type=int, default=None, help="first max_length the context search tries")
     parser.add_argument("--baseline-from", type=int, default=None, help="first max_length for the baseline's search")
-    parser.add_argument("--context-tries", type=int, default=3, help="most max_lengths the context search tries")
+    parser.add_argument("--context-tries", type=int, default=2, help="most max_lengths the context search tries")
     parser.add_argument("--exec", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cap-gib", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -360,7 +360,8 @@ def train_figures(kit: Kit, raw: dict, result: dict, shape: dict, mean_context: 
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     plan = planned_bytes(raw, kit.cap_gib, kit.device, decided=metrics)
-    peak = result["peak"].get("cuda_allocated_bytes") or metrics.get("peak_memory_bytes")
+    # training's peak (qtune counts it apart from loading's on a GPU): what the plan predicts
+    peak = metrics.get("peak_memory_bytes") or result["peak"].get("cuda_allocated_bytes")
     figures = {
         "exit": result["code"],
         "error": result["error_line"],
@@ -374,6 +375,8 @@ def train_figures(kit: Kit, raw: dict, result: dict, shape: dict, mean_context: 
         "offload_activations": metrics.get("offload_activations"),
         "compute_dtype": metrics.get("compute_dtype"),
         "peak_bytes": peak,
+        "loading_peak_bytes": metrics.get("peak_memory_loading_bytes"),
+        "process_peak_bytes": result["peak"].get("cuda_allocated_bytes"),
         "planned_bytes": plan["total_bytes"],
         "plan_error": (plan["total_bytes"] / peak - 1) if peak else None,
         "losses": step_losses(run_dir),

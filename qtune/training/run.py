@@ -64,6 +64,9 @@ class Prepared:
     checkpoint: Path | None  # the checkpoint a resume starts from
     use_cpu: bool
     rss_before_model_bytes: int  # the process before the model came in (metrics.json; the memory plan's baseline)
+    # GPU memory allocated at most while loading (None on CPU); training's peak is then counted from zero again,
+    # so metrics.json tells the two apart (the plan predicts training's)
+    loading_peak_bytes: int | None = None
 
 
 def train(
@@ -205,7 +208,11 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
         )
     if cpu_threads is not None:
         trainer.add_callback(FollowFreeCores(cpu_threads))
-    return Prepared(trainer, data, checkpoint, use_cpu, rss_before_model)
+    loading_peak = None
+    if not use_cpu:
+        loading_peak = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+    return Prepared(trainer, data, checkpoint, use_cpu, rss_before_model, loading_peak)
 
 
 def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
@@ -292,6 +299,7 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
         "train_seconds": runtime,
         "tokens_per_second": session_tokens / runtime if runtime and runtime > 0 else None,
         "peak_memory_bytes": peak_memory_bytes(prepared.use_cpu),
+        "peak_memory_loading_bytes": prepared.loading_peak_bytes,
         "peak_memory_kind": "cpu_rss" if prepared.use_cpu or not torch.cuda.is_available() else "cuda_allocated",
         "rss_before_model_bytes": prepared.rss_before_model_bytes,
         # The dtype the base was quantized in; export re-creates the same 4-bit weights from it.

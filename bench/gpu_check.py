@@ -315,10 +315,11 @@ def write_recipe(path: Path, raw: dict) -> Path:
 
 
 def planned_bytes(raw: dict, budget_gib: float | None, device: str, decided: dict | None = None) -> dict:
-    """qtune's plan for a recipe, with the budget `qtune train` gives its `auto` decisions (90% of the GPU), or with
+    """qtune's plan for a recipe, with the budget `qtune train` gives its `auto` decisions (80% of the GPU), or with
     the decisions a finished run recorded in metrics.json (`decided`)."""
     from qtune.plan import plan_training
     from qtune.recipe import validate_recipe
+    from qtune.training.config import AUTO_GPU_SHARE
 
     raw = json.loads(json.dumps(raw))
     for key in ("gradient_checkpointing", "offload_activations"):
@@ -328,7 +329,7 @@ def planned_bytes(raw: dict, budget_gib: float | None, device: str, decided: dic
         validate_recipe(raw),
         device=device,
         compute_bytes=4 if device == "cpu" else 2,
-        budget_bytes=int(budget_gib * GIB * 0.9) if budget_gib else None,
+        budget_bytes=int(budget_gib * GIB * AUTO_GPU_SHARE) if budget_gib else None,
     )
 
 

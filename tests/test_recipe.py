@@ -1,5 +1,6 @@
 """The recipe schema: defaults, validation, did-you-mean, overrides. No torch needed."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +241,32 @@ def test_cli_usage_errors_exit_2(run_cli):
     assert code == 2 and err.startswith("qtune: error:") and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("tarin", "x.yaml")
     assert code == 2 and "invalid choice" in err
+
+
+MODEL_CONFIGS = REPO / "tests" / "model_configs"  # the shape fields of each model's published config.json
+
+
+@pytest.mark.parametrize(
+    "recipe_name, config_name, parameters",
+    [
+        ("llama-3.1-8b-instruct", "llama-3.1-8b", 8_030_261_248),
+        ("qwen2.5-7b-alpaca", "qwen2.5-7b", 7_615_616_512),
+        ("gemma-2-9b-chat", "gemma-2-9b", 9_241_705_984),
+        ("phi-4-mini-alpaca", "phi-4-mini", 3_836_021_760),
+    ],
+)
+def test_the_family_recipes_fit_a_16_gb_card_by_the_plan(recipe_name, config_name, parameters):
+    """Each family's recipe, planned from its model's config on a T4 (15 GiB), with the headroom `auto` keeps; and
+    its exports are ones its architecture can have."""
+    from qtune.memory import inventory, load_config
+    from qtune.plan import plan_training
+    from qtune.recipe import export_formats_problem
+    from qtune.training.config import AUTO_GPU_SHARE
+
+    folder = MODEL_CONFIGS / config_name
+    assert inventory(load_config(str(folder), "main")).total == parameters  # the published parameter count
+    recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", [f"model.name={folder}"])
+    plan = plan_training(recipe, budget_bytes=int(15 * 2**30 * AUTO_GPU_SHARE), compute_bytes=2)
+    assert plan["fits"], (recipe_name, plan["total_bytes"] / 2**30)
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    assert export_formats_problem(recipe.export.formats, model_type) is None

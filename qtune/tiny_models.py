@@ -141,7 +141,7 @@ def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
     )
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 
 
 def build_model(
@@ -158,7 +158,7 @@ def build_model(
     config_extra: dict | None = None,
 ):
     import torch
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     vocab = len(tokenizer)
     common = dict(
@@ -179,6 +179,8 @@ def build_model(
         config = LlamaConfig(**common)
     elif family == "qwen2":
         config = Qwen2Config(**common)
+    elif family == "mistral":  # Mistral v0.1's sliding window, 4096 (config_extra can shorten it)
+        config = MistralConfig(**{"sliding_window": 4096, **common})
     elif family == "qwen3":
         # q/k norms, tied embeddings, and head_dim 128 whatever hidden / heads is, as every published Qwen3 has
         # (transformers' GGUF reader assumes 128 for Qwen3: it ignores the file's key length)

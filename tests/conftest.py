@@ -159,6 +159,9 @@ def run_cli(capsys):
     return run
 
 
+# Mistral's sliding window cut to 48 positions, so the test rows cross it
+SHORT_WINDOW = {"sliding_window": 48}
+
 # Llama 3.1's rope scaling with its original context cut to 32 positions, so tests reach the scaled region
 LLAMA3_ROPE = {
     "rope_scaling": {
@@ -194,3 +197,12 @@ def pretrained_qwen3(tmp_path_factory) -> Path:
 def qwen3_run(tmp_path_factory, pretrained_qwen3, alpaca_file):
     """Qwen3: q/k norms, tied embeddings, head_dim 128 where hidden / heads is 32."""
     return train_run(tmp_path_factory, pretrained_qwen3, alpaca_file, "qwen3-run")
+
+
+@pytest.fixture(scope="session")
+def mistral_run(tmp_path_factory, alpaca_file):
+    """Mistral: a sliding-window config, written to GGUF as llama (as llama.cpp's converter does)."""
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path_factory.mktemp("models") / "mistral", "mistral", pretrain_steps=60, **TINY_SHAPE)
+    return train_run(tmp_path_factory, base, alpaca_file, "mistral-run")

@@ -17,7 +17,7 @@ from qtune.weights import quantized_weight_names
 ALL_FORMATS = ["adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, family, run_cli):
     run_dir = request.getfixturevalue(f"{family}_run")
     out = tmp_path / "export"

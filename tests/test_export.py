@@ -300,3 +300,22 @@ def test_llama3_rope_scaling_reaches_the_gguf(llama3_run, tmp_path):
     factors = tensors["rope_freqs.weight"]
     assert factors.shape == (32 // 2,) and factors[0] == 1.0 and factors[-1] == 8.0  # head_dim 32: 16 frequencies
     assert np.array_equal(factors, expected["rope_freqs.weight"])
+
+
+def test_a_mistral_gguf_has_no_sliding_window_and_the_gate_says_so(tmp_path_factory, alpaca_file, tmp_path):
+    """llama.cpp runs Mistral as llama, without a sliding window (its converter does the same): past the window the
+    GGUF attends further than the model. With a 48-token window the fidelity samples cross it and the gate rejects
+    the GGUF (measured: top-1 97.9%); with Mistral v0.1's 4,096 they do not (test_every_format_round_trips...)."""
+    from conftest import SHORT_WINDOW, TINY_SHAPE, train_run
+
+    from qtune.errors import EXIT_FIDELITY
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(
+        tmp_path / "mistral-48", "mistral", pretrain_steps=60, config_extra=SHORT_WINDOW, **TINY_SHAPE
+    )
+    run = train_run(tmp_path_factory, base, alpaca_file, "mistral-48-run")
+    with pytest.raises(QtuneError) as failure:
+        export(run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path / "out", eval_samples=8, echo=lambda *_: None)
+    assert failure.value.code == EXIT_FIDELITY and "gguf_f16 top-1" in failure.value.line()
+    assert (tmp_path / "out" / "merged-fp16" / "config.json").is_file()  # the merged model is the model: it passes

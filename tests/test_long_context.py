@@ -77,36 +77,22 @@ def test_offloaded_activations_give_the_same_loss_and_gradients(checkpointed_lor
 
 def test_the_trainer_offloads_inside_its_row_by_row_step(checkpointed_lora_model, tiny_tokenizer, tmp_path):
     """QtuneSFTTrainer.training_step (rows > 1) wraps every row's forward and backward in the offload hooks."""
-    from datasets import Dataset
-    from trl import SFTConfig
-
-    from qtune.batching import PackedCollator
-    from qtune.training.trainer import QtuneSFTTrainer
+    from test_speed import qtune_trainer
 
     generator = torch.Generator().manual_seed(5)
     samples = []
     for length in (40, 70, 25, 60):
         ids = torch.randint(3, 500, (length,), generator=generator).tolist()
         samples.append({"input_ids": ids, "labels": [IGNORE] * 5 + ids[5:]})
-    dataset = Dataset.from_dict({k: [s[k] for s in samples] for k in ("input_ids", "labels")})
-    config = SFTConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_length=128,
-        per_device_train_batch_size=4,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
     results = []
     for offload in (False, True):
-        trainer = QtuneSFTTrainer(
-            model=checkpointed_lora_model,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tiny_tokenizer,
-            data_collator=PackedCollator(tiny_tokenizer.pad_token_id or 0, row_tokens=80),
+        trainer = qtune_trainer(
+            checkpointed_lora_model,
+            samples,
+            tiny_tokenizer,
+            tmp_path,
+            row_tokens=80,
+            gradient_checkpointing=True,
             offload_activations=offload,
         )
         trainer.create_optimizer()

@@ -147,7 +147,9 @@ def test_fused_loss_is_refused_for_heads_it_would_get_wrong(lora_model):
         head.weight.requires_grad_(False)
 
 
-def qtune_trainer(lora_model, samples, tokenizer, folder, *, row_tokens: int):
+def qtune_trainer(
+    lora_model, samples, tokenizer, folder, *, row_tokens: int, gradient_checkpointing=False, offload_activations=False
+):
     """The Trainer qtune trains with, over `samples` as one micro-batch packed into rows of `row_tokens`."""
     from datasets import Dataset
     from trl import SFTConfig
@@ -164,11 +166,17 @@ def qtune_trainer(lora_model, samples, tokenizer, folder, *, row_tokens: int):
         report_to="none",
         max_length=128,
         per_device_train_batch_size=len(samples),
-        gradient_checkpointing=False,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     collator = PackedCollator(tokenizer.pad_token_id or 0, row_tokens=row_tokens)
     return QtuneSFTTrainer(
-        model=lora_model, args=config, train_dataset=dataset, processing_class=tokenizer, data_collator=collator
+        model=lora_model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        offload_activations=offload_activations,
     )
 
 

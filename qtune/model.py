@@ -163,12 +163,12 @@ def attention_implementation(config, requested: str) -> str:
     return requested
 
 
-def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dtype):
+def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dtype, config=None):
     """The base model with every linear layer in 4-bit, ready for LoRA training."""
     from transformers import AutoModelForCausalLM
 
     source, kwargs = model_source(model)
-    config = load_model_config(model)
+    config = config or load_model_config(model)  # the caller's, when it has read it already
     attention = attention_implementation(config, model.attn_implementation)
     saved = saved_quantization(config)
     if saved is None:

@@ -152,7 +152,8 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     checkpointing, offload = resolve_memory_savers(
         recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo
     )
-    problem = export_formats_problem(recipe.export.formats, model_stage.load_model_config(recipe.model).model_type)
+    model_config = model_stage.load_model_config(recipe.model)
+    problem = export_formats_problem(recipe.export.formats, model_config.model_type)
     if problem:  # found now, not after hours of training
         raise RecipeError(problem, fix="change export.formats")
     tokenizer = model_stage.load_tokenizer(recipe.model)
@@ -178,7 +179,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     )
     started = time.perf_counter()
     rss_before_model = current_rss_bytes()
-    base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype)
+    base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype, model_config)
     model_stage.check_vocabulary_fits(base, tokenizer, data)
     model_stage.align_special_tokens(base, tokenizer)
 

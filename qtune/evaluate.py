@@ -53,17 +53,20 @@ def fidelity_samples(
     return metrics.samples_from(dataset, limit, max_tokens)
 
 
-def load_artifact(fmt: str, path: Path, on_gpu: bool):
+def artifact_dtype(trained: TrainedRun, on_gpu: bool) -> torch.dtype:
+    """fp32 on CPU (so only the file's own precision shows); on a GPU the 16-bit dtype the model family is safe in
+    (bf16 for Gemma, whose activations overflow fp16), read once from the base's config."""
+    if not on_gpu:
+        return torch.float32
+    return half_dtype(load_config(trained.recipe.model.name, trained.recipe.model.revision))
+
+
+def load_artifact(fmt: str, path: Path, on_gpu: bool, dtype: torch.dtype):
     """Each artifact the way its users load it: transformers for merged and nf4, transformers' GGUF reader for
-    GGUF. Evaluated in fp32 on CPU (so only the file's own precision shows), in fp16 on a GPU (memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    GGUF, in `dtype` (artifact_dtype)."""
+    from transformers import AutoModelForCausalLM
 
     placement = {"device_map": device_map()} if on_gpu else {}
-    if on_gpu:  # the 16-bit dtype the model family is safe in (bf16 for Gemma, whose activations overflow fp16)
-        source = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if fmt.startswith("gguf") else None
-        dtype = half_dtype(source or AutoConfig.from_pretrained(path))
-    else:
-        dtype = torch.float32
     if fmt in MERGED_FORMATS:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     if fmt == "nf4":
@@ -88,10 +91,11 @@ def fidelity_report(trained: TrainedRun, written: dict[str, Path], samples, *, m
     reference = metrics.sample_logits(reference_model, samples)
     del reference_model
     rows = {}
+    dtype = artifact_dtype(trained, on_gpu)
     for fmt, path in written.items():
         if fmt == "adapter":
             continue
-        model = load_artifact(fmt, path, on_gpu)
+        model = load_artifact(fmt, path, on_gpu, dtype)
         row = metrics.compare(reference, metrics.sample_logits(model, samples), samples)
         del model
         row["size_bytes"] = artifact_size(path)
@@ -125,10 +129,11 @@ def eval_run(
         losses["base (4-bit)"] = metrics.supervised_loss(adapted, chosen)
     losses["adapter"] = metrics.supervised_loss(adapted, chosen)
     del adapted
+    dtype = artifact_dtype(trained, on_gpu)
     for fmt in ARTIFACTS:
         path = trained.artifact(fmt)
         if fmt != "adapter" and path.exists():
-            model = load_artifact(fmt, path, on_gpu)
+            model = load_artifact(fmt, path, on_gpu, dtype)
             losses[fmt] = metrics.supervised_loss(model, chosen)
             del model
     table = {name: {"loss": loss, "perplexity": math.exp(loss)} for name, loss in losses.items()}

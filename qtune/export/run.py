@@ -41,6 +41,9 @@ ARTIFACT_BYTES_PER_PARAMETER = {
     "nf4": 0.6,
     "gguf_f16": 2,
     "gguf_q8_0": 1.07,
+    "gguf_q6_k": 0.83,
+    "gguf_q5_k_m": 0.72,
+    "gguf_q4_k_m": 0.62,
     "gguf_q4_0": 0.57,
 }
 
@@ -174,10 +177,10 @@ def export(
 
 
 # Lowest top-1 agreement with the adapter-on-NF4 model (on positions with a clear margin) an artifact may have. An
-# unquantized merge is the same model (measured 100%); 8-bit loses a near-tie now and then (99.8-100%); 4-bit
-# re-quantizes what was already 4-bit (93-97% on the demo model). A broken artifact (Gemma's NF4 run in fp16: NaN,
-# 22.6%) is far below these.
-FIDELITY_FLOORS = {"merged_fp16": 0.99, "merged_bf16": 0.97, "gguf_f16": 0.99, "gguf_q8_0": 0.97}
+# unquantized merge is the same model (measured 100%); 8-bit loses a near-tie now and then (99.8-100%); Q6_K about as
+# often (99.5-100% raw); Q5_K_M and the 4-bit formats re-quantize what was already 4-bit (93-97% on the demo model).
+# A broken artifact (Gemma's NF4 run in fp16: NaN, 22.6%) is far below these.
+FIDELITY_FLOORS = {"merged_fp16": 0.99, "merged_bf16": 0.97, "gguf_f16": 0.99, "gguf_q8_0": 0.97, "gguf_q6_k": 0.97}
 FOUR_BIT_FLOOR = 0.70
 
 
@@ -187,6 +190,10 @@ def fidelity_gate(report: dict, written: dict[str, Path]) -> list[str]:
     failed = []
     for fmt, row in report["artifacts"].items():
         floor = FIDELITY_FLOORS.get(fmt, FOUR_BIT_FLOOR)
+        if report.get("merge_base") == "original":
+            # merged into the original weights, every artifact differs from the trained model by the NF4 rounding
+            # the adapter was trained on (94% top-1 for an exact merge on the demo model): a 4-bit difference
+            floor = min(floor, FOUR_BIT_FLOOR)
         figures = (row["perplexity"], row["mean_kl"], row["top1_agreement"])
         path = written[fmt]
         aside = path.with_name(path.name + REJECTED_SUFFIX)

@@ -73,7 +73,29 @@ def load_artifact(fmt: str, path: Path, on_gpu: bool, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map())
         keep_cpu_4bit_layout_trainable(model)
         return model
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **placement)
+    config = gguf_config(path)
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=dtype, **placement
+    )
+
+
+def gguf_config(path: Path):
+    """The model config transformers reads from a GGUF file, corrected where its reader and llama.cpp disagree.
+
+    transformers' GGUF reader leaves Gemma's query_pre_attn_scalar at its default, 256, while llama.cpp scales
+    queries by the file's head size (key_length): for a Gemma whose head size is not 256 the reader builds another
+    model than the file holds (max |Δlogit| 0.9 on a tiny Gemma 3, against 0.002 in llama.cpp). qtune writes Gemma
+    GGUFs only when the two agree (qtune.gguf_support), so the head size is the value.
+    tests/test_export.py::test_gemma_and_phi3_gguf_files_read_back_as_the_model checks it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if hasattr(config, "query_pre_attn_scalar") and getattr(config, "head_dim", None):
+        config.query_pre_attn_scalar = config.head_dim
+    if (config.pad_token_id or 0) >= config.vocab_size:
+        # Phi-3's config class defaults the pad id to 32000, which the reader keeps when the file names no pad token
+        config.pad_token_id = None
+    return config
 
 
 def artifact_size(path: Path) -> int:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qtune.errors import RecipeError
+from qtune.gguf_support import gguf_problem
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
@@ -193,20 +194,15 @@ EXPORT_FORMATS = (
     "gguf_q4_k_m",
     "gguf_q4_0",
 )
-# llama.cpp's architecture for each transformers model_type qtune's GGUF writer handles (Mistral is written as
-# llama, as llama.cpp's converter does)
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def export_formats_problem(formats, model_type: str) -> str | None:
-    """Why some of `formats` cannot be written for a model of `model_type` (read from config.json), or None."""
+def export_formats_problem(formats, config: dict) -> str | None:
+    """Why some of `formats` cannot be written for a model with this config.json (no weights read), or None."""
     gguf = [f for f in formats if f.startswith("gguf_")]
-    if gguf and model_type not in GGUF_ARCHITECTURES:
+    problem = gguf_problem(config) if gguf else None
+    if problem:
         working = [f for f in EXPORT_FORMATS if not f.startswith("gguf_")]
-        return (
-            f"GGUF export ({', '.join(gguf)}) does not support the '{model_type}' architecture (GGUF: "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}); for this model: {', '.join(working)}"
-        )
+        return f"{problem}; {', '.join(gguf)} cannot be written for this model; it can have: {', '.join(working)}"
     return None
 
 
@@ -215,7 +211,7 @@ def check_local_model(recipe: Recipe) -> None:
     architecture cannot have. A Hub model is checked at the start of `qtune train`, before the model loads."""
     config = Path(recipe.model.name).expanduser() / "config.json"
     if config.is_file():
-        problem = export_formats_problem(recipe.export.formats, json.loads(config.read_text()).get("model_type", ""))
+        problem = export_formats_problem(recipe.export.formats, json.loads(config.read_text()))
         if problem:
             raise RecipeError(problem, where=str(config), fix="change export.formats")
 

@@ -141,7 +141,7 @@ def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
     )
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def build_model(
@@ -158,7 +158,16 @@ def build_model(
     config_extra: dict | None = None,
 ):
     import torch
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     vocab = len(tokenizer)
     common = dict(
@@ -185,8 +194,18 @@ def build_model(
         # q/k norms, tied embeddings, and head_dim 128 whatever hidden / heads is, as every published Qwen3 has
         # (transformers' GGUF reader assumes 128 for Qwen3: it ignores the file's key length)
         config = Qwen3Config(**{**common, "tie_word_embeddings": True}, head_dim=128)
-    elif family == "gemma2":  # logit soft-capping, alternating sliding window, query_pre_attn_scalar
-        config = Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=hidden // heads, sliding_window=64)
+    elif family in ("gemma2", "gemma3"):
+        # Gemma 2: logit soft-capping, alternating sliding window; Gemma 3: q/k norms, 5 sliding layers to 1 global.
+        # Both scale queries by query_pre_attn_scalar, which is the head size in every Gemma llama.cpp runs
+        # (it keys a different scale to the 27B model only).
+        config = (Gemma2Config if family == "gemma2" else Gemma3TextConfig)(
+            **{**common, "tie_word_embeddings": True},
+            head_dim=hidden // heads,
+            query_pre_attn_scalar=hidden // heads,
+            sliding_window=64,
+        )
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        config = Phi3Config(**common, pad_token_id=tokenizer.pad_token_id)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     torch.manual_seed(seed)

@@ -206,3 +206,21 @@ def mistral_run(tmp_path_factory, alpaca_file):
 
     base = write_tiny_model(tmp_path_factory.mktemp("models") / "mistral", "mistral", pretrain_steps=60, **TINY_SHAPE)
     return train_run(tmp_path_factory, base, alpaca_file, "mistral-run")
+
+
+@pytest.fixture(scope="session")
+def gemma3_run(tmp_path_factory, alpaca_file):
+    """Gemma 3: norms that multiply by (1 + w), q/k norms, sliding layers, tied embeddings; bf16 on a GPU."""
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path_factory.mktemp("models") / "gemma3", "gemma3", pretrain_steps=60, **TINY_SHAPE)
+    return train_run(tmp_path_factory, base, alpaca_file, "gemma3-run")
+
+
+@pytest.fixture(scope="session")
+def phi3_run(tmp_path_factory, alpaca_file):
+    """Phi-3: fused qkv_proj and gate_up_proj, which LoRA all-linear trains and GGUF keeps fused."""
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path_factory.mktemp("models") / "p3", "phi3", pretrain_steps=60, **TINY_SHAPE)
+    return train_run(tmp_path_factory, base, alpaca_file, "p3-run")

@@ -17,7 +17,7 @@ from qtune.weights import quantized_weight_names
 ALL_FORMATS = ["adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, family, run_cli):
     run_dir = request.getfixturevalue(f"{family}_run")
     out = tmp_path / "export"
@@ -123,7 +123,7 @@ def test_gguf_reads_back(llama_run, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from qtune.export.gguf import permute_for_llama_rotary
+    from qtune.export.gguf_family import permute_for_llama_rotary
 
     export(
         llama_run,
@@ -289,7 +289,7 @@ def test_llama3_rope_scaling_reaches_the_gguf(llama3_run, tmp_path):
     import gguf
     from transformers import AutoConfig
 
-    from qtune.export.gguf import extra_tensors
+    from qtune.export.gguf_family import extra_tensors
 
     export(llama3_run, ["gguf_f16"], out_dir=tmp_path, eval_samples=4, echo=lambda *_: None)
     reader = gguf.GGUFReader(tmp_path / "model-f16.gguf")
@@ -319,3 +319,66 @@ def test_a_mistral_gguf_has_no_sliding_window_and_the_gate_says_so(tmp_path_fact
         export(run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path / "out", eval_samples=8, echo=lambda *_: None)
     assert failure.value.code == EXIT_FIDELITY and "gguf_f16 top-1" in failure.value.line()
     assert (tmp_path / "out" / "merged-fp16" / "config.json").is_file()  # the merged model is the model: it passes
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
+def test_gemma_and_phi3_gguf_files_read_back_as_the_model(family, tmp_path):
+    """Gemma's norms (llama.cpp multiplies by w, Gemma by 1 + w), soft-capping and sliding window, Phi-3's fused
+    projections: the GGUF read back is the model. transformers' reader needs qtune's correction for Gemma's query
+    scale (qtune.evaluate.gguf_config): without it this tiny Gemma's logits differ by 0.8."""
+    import gguf
+
+    from qtune.evaluate import load_artifact
+    from qtune.export.gguf import write_gguf
+    from qtune.tiny_models import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", family, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
+    path = write_gguf(model_dir, tmp_path / "model-f16.gguf", "F16", echo=lambda *_: None)
+    reader = gguf.GGUFReader(path)
+    arch = {"gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}[family]
+    assert reader.fields["general.architecture"].contents() == arch
+    names = {t.name for t in reader.tensors}
+    if family == "phi3":
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.ffn_gate.weight" not in names
+    else:
+        assert reader.fields[f"{arch}.attention.sliding_window"].contents() == 64
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    read_back = load_artifact("gguf_f16", path, False, torch.float32).eval()
+    ids = torch.tensor([list(range(3, 60))])
+    with torch.no_grad():
+        difference = (model(input_ids=ids).logits - read_back(input_ids=ids).logits).abs().max().item()
+    assert difference < 0.01, difference
+    if family != "phi3":  # the norm weights as llama.cpp wants them: 1 + Gemma's
+        norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+        original = model.model.layers[0].input_layernorm.weight.detach().numpy()
+        assert np.allclose(np.asarray(norm.data), original + 1, atol=1e-6)
+
+
+def test_merged_into_the_original_weights_every_artifact_is_judged_as_4_bit(tmp_path):
+    """Merged into the original weights, an exact merge differs from the trained model by the NF4 rounding the
+    adapter was trained on (94% top-1 on the demo model): the gate must not reject it as a broken fp16 merge."""
+    from qtune.export.run import FOUR_BIT_FLOOR, fidelity_gate
+
+    artifact = tmp_path / "merged-fp16"
+    artifact.mkdir()
+    row = {"perplexity": 3.66, "mean_kl": 0.0185, "top1_agreement": 0.94}
+    assert (
+        fidelity_gate({"merge_base": "original", "artifacts": {"merged_fp16": dict(row)}}, {"merged_fp16": artifact})
+        == []
+    )
+    low = {**row, "top1_agreement": FOUR_BIT_FLOOR - 0.01}
+    assert (
+        len(fidelity_gate({"merge_base": "original", "artifacts": {"merged_fp16": low}}, {"merged_fp16": artifact}))
+        == 1
+    )
+    artifact.mkdir()
+    assert (
+        len(
+            fidelity_gate(
+                {"merge_base": "dequantized", "artifacts": {"merged_fp16": dict(row)}}, {"merged_fp16": artifact}
+            )
+        )
+        == 1
+    )

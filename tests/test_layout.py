@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qtune"
 
 # Each module's layer; a module imports only from its own layer (without cycles) or below.
 LAYERS = {
-    0: ["errors", "recipe", "fsutil", "testhooks", "plots", "library_noise", "cuda_setup"],
+    0: ["errors", "gguf_support", "recipe", "fsutil", "testhooks", "plots", "library_noise", "cuda_setup"],
     1: [
         "run_dir",
         "rows",
@@ -34,6 +34,9 @@ LAYERS = {
     3: ["evaluate", "chat"],
     4: [
         "export.gguf",
+        "export.gguf_family",
+        "export.gguf_types",
+        "export.kquants",
         "export.merge",
         "export.nf4",
         "export.run",

@@ -14,24 +14,13 @@ import numpy as np
 
 from qtune.data import alpaca_prompt
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError
+from qtune.export.gguf_family import add_hyperparameters, as_llama_cpp_expects, extra_tensors
 from qtune.export.gguf_types import MIXES, layer_order, tensor_types
 from qtune.export.kquants import BLOCK_BYTES, quantize_k
 from qtune.fsutil import publish, staging_dir_for
-from qtune.recipe import GGUF_ARCHITECTURES
+from qtune.gguf_support import GGUF_ARCHITECTURES, gguf_problem
 from qtune.testhooks import fault_point
 from qtune.weights import checkpoint_tensors
-
-
-def permute_for_llama_rotary(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """HF stores q/k rows with the two rotary halves apart; llama.cpp wants them interleaved
-    (the same permutation as llama.cpp's convert_hf_to_gguf.py)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (
-        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
 
 
 def read_tensor(location: dict[str, Path], name: str) -> np.ndarray:
@@ -91,6 +80,24 @@ def vocabulary(merged_dir: Path, tokenizer):
     )
 
 
+def adds_space_prefix(merged_dir: Path) -> bool:
+    """Whether the tokenizer puts "▁" before the text (Llama 2 does, Gemma does not). llama.cpp assumes it does for
+    SentencePiece-style vocabularies unless the file says otherwise, and would then tokenize Gemma differently."""
+    spec = json.loads((merged_dir / "tokenizer.json").read_text())
+
+    def steps(node):
+        if not node:
+            return []
+        return [x for child in node.get("normalizers") or node.get("pretokenizers") or [] for x in steps(child)] or [
+            node
+        ]
+
+    for step in steps(spec.get("normalizer")) + steps(spec.get("pre_tokenizer")):
+        if step.get("type") == "Prepend" or (step.get("type") == "Metaspace" and step.get("prepend_scheme") != "never"):
+            return True
+    return False
+
+
 def pre_tokenizer_name(model_type: str, tokenizer) -> str:
     """llama.cpp's name for the pre-tokenizer regex (it picks the splitting rules by this name)."""
     vocab = tokenizer.get_vocab()
@@ -107,12 +114,9 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
 
     config = AutoConfig.from_pretrained(merged_dir)
     model_type = config.model_type
-    if model_type not in GGUF_ARCHITECTURES:
-        raise QtuneError(
-            f"GGUF export does not support the '{model_type}' architecture",
-            fix=f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}",
-            code=EXIT_ENVIRONMENT,
-        )
+    problem = gguf_problem(config.to_dict())
+    if problem:
+        raise QtuneError(problem, fix="export merged_fp16 and convert it with llama.cpp", code=EXIT_ENVIRONMENT)
     arch = GGUF_ARCHITECTURES[model_type]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     tokenizer_model, tokens, scores, token_types, merges = vocabulary(merged_dir, tokenizer)
@@ -126,8 +130,6 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         scores = None if scores is None else scores + [-1000.0] * (rows - len(scores))
     mix = MIXES[quant]
 
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     location = checkpoint_tensors(merged_dir)
     if config.tie_word_embeddings:
@@ -156,18 +158,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
     writer = gguf.GGUFWriter(None, arch)
     try:
         writer.add_name(Path(merged_dir).name)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != config.hidden_size // heads:  # Qwen3 and others: llama.cpp reads the head size from these
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_rope_freq_base(float(rope_theta(config)))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        add_hyperparameters(writer, arch, config)
         writer.add_vocab_size(len(tokens))
         writer.add_file_type(getattr(gguf.LlamaFileType, mix.file_type))
         writer.add_tokenizer_model(tokenizer_model)
@@ -176,6 +167,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         writer.add_token_types(token_types)
         if scores is not None:
             writer.add_token_scores(scores)
+            writer.add_add_space_prefix(adds_space_prefix(merged_dir))
         add_special_tokens(writer, merged_dir, tokenizer, merges)
 
         extra = extra_tensors(config)
@@ -199,11 +191,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         for data in extra.values():
             writer.write_tensor_data(data)
         for index, (_, hf_name, ggml_type) in enumerate(plan):
-            data = read_tensor(location, hf_name)
-            if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-                data = permute_for_llama_rotary(data, heads, heads)
-            elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-                data = permute_for_llama_rotary(data, heads, kv_heads)
+            data = as_llama_cpp_expects(arch, config, hf_name, read_tensor(location, hf_name))
             if ggml_type == gguf.GGMLQuantizationType.F32:
                 data = data.astype(np.float32)
             elif ggml_type == gguf.GGMLQuantizationType.F16:
@@ -221,32 +209,6 @@ def write_gguf(merged_dir: Path, target: Path, quant: str, *, echo=print) -> Pat
         raise
     echo(f"export: {target.name}: {target.stat().st_size / 2**20:.1f} MiB ({quant})")
     return target
-
-
-def extra_tensors(config) -> dict[str, np.ndarray]:
-    """Tensors llama.cpp needs that are not weights of the checkpoint: for llama3 rope scaling (Llama 3.1 and
-    later), `rope_freqs`, the factor each rotary frequency is divided by. Without it llama.cpp runs the model with
-    plain rope, which drifts from the trained model as positions grow (measured: max |Δlogit| 0.008 within 160
-    tokens on a tiny model, against 0.0003 for a model without scaling). The factors come from transformers' own
-    llama3 rope, so they are what the merged model computes."""
-    import gguf
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    text = config.get_text_config()
-    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    if parameters.get("rope_type") != "llama3":
-        return {}
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](text, "cpu")
-    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    plain = 1.0 / (rope_theta(text) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    factors = (plain / scaled).numpy().astype(np.float32)
-    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": factors}
-
-
-def rope_theta(config) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    return parameters.get("rope_theta") or getattr(config, "rope_theta", 10000.0)
 
 
 def tensor_shape(location: dict[str, Path], name: str) -> tuple[int, ...]:
@@ -284,8 +246,10 @@ def add_special_tokens(writer, merged_dir: Path, tokenizer, merges: list[str] | 
     if tokenizer.chat_template and special.chat_template is None:
         special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)
-    if "<|im_end|>" in tokenizer.get_vocab():
-        writer.add_eot_token_id(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    for end_of_turn in ("<|im_end|>", "<end_of_turn>", "<|end|>", "<|eot_id|>"):  # chatml, Gemma, Phi-3, Llama 3
+        if end_of_turn in tokenizer.get_vocab():
+            writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(end_of_turn))
+            break
 
 
 # --------------------------------------------------------------------------- Ollama
@@ -302,6 +266,18 @@ OLLAMA_TEMPLATES = {
         "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         ["<|eot_id|>"],
+    ),
+    # Gemma has no system role: its chat template puts the system text at the start of the first user turn
+    "gemma": (
+        '{{- range $i, $m := .Messages }}<start_of_turn>{{ if eq $m.Role "assistant" }}model{{ else }}{{ $m.Role }}{{ end }}\n'
+        "{{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ $m.Content }}<end_of_turn>\n{{ end }}"
+        "<start_of_turn>model\n",
+        ["<end_of_turn>"],
+    ),
+    "phi3": (
+        "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
+        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        ["<|end|>"],
     ),
     "mistral": (
         '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]{{ else }}{{ .Content }}</s>{{ end }}{{ end }}',
@@ -321,6 +297,12 @@ def ollama_modelfile(gguf_name: str, tokenizer, trained_on_alpaca: bool) -> str:
         stops += extra
     elif "<|start_header_id|>" in template_text:
         template, extra = OLLAMA_TEMPLATES["llama3"]
+        stops += extra
+    elif "<start_of_turn>" in template_text:
+        template, extra = OLLAMA_TEMPLATES["gemma"]
+        stops += extra
+    elif "<|assistant|>" in template_text and "<|end|>" in template_text:
+        template, extra = OLLAMA_TEMPLATES["phi3"]
         stops += extra
     elif "[INST]" in template_text:
         template, extra = OLLAMA_TEMPLATES["mistral"]

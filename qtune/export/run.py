@@ -48,7 +48,7 @@ ARTIFACT_BYTES_PER_PARAMETER = {
 }
 
 
-def check_formats(formats: list[str], model_type: str) -> list[str]:
+def check_formats(formats: list[str], config: dict) -> list[str]:
     """Unknown formats and a GGUF export of an architecture the writer lacks are refused before anything is written."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -59,7 +59,7 @@ def check_formats(formats: list[str], model_type: str) -> list[str]:
             f"unknown export format '{unknown[0]}'",
             fix=f"did you mean '{guess[0]}'?" if guess else f"choose from {', '.join(FORMATS)}",
         )
-    problem = export_formats_problem(formats, model_type)
+    problem = export_formats_problem(formats, config)
     if problem:
         raise QtuneError(
             problem, fix="choose those formats, or convert merged_fp16 with llama.cpp", code=EXIT_ENVIRONMENT
@@ -106,7 +106,7 @@ def export(
     if merge_base not in MERGE_BASES:
         raise RecipeError(f"unknown merge base '{merge_base}'", fix=f"choose {' or '.join(MERGE_BASES)}")
     config = load_config(trained.recipe.model.name, trained.recipe.model.revision)
-    formats = check_formats(formats, config.model_type)
+    formats = check_formats(formats, config.to_dict())
     if not formats:
         raise RecipeError("no export format given", fix=f"add --format, one of {', '.join(FORMATS)}")
     out = Path(out_dir) if out_dir else trained.export_dir

@@ -153,7 +153,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
         recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo
     )
     model_config = model_stage.load_model_config(recipe.model)
-    problem = export_formats_problem(recipe.export.formats, model_config.model_type)
+    problem = export_formats_problem(recipe.export.formats, model_config.to_dict())
     if problem:  # found now, not after hours of training
         raise RecipeError(problem, fix="change export.formats")
     tokenizer = model_stage.load_tokenizer(recipe.model)

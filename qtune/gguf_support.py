@@ -1,0 +1,36 @@
+"""Which models qtune can write as GGUF, decided from config.json alone (no torch, no weights), so that a recipe
+asking for a GGUF the model cannot have is refused before training rather than after."""
+
+from __future__ import annotations
+
+# llama.cpp's architecture for each transformers model_type qtune's GGUF writer handles (Mistral is written as
+# llama, as llama.cpp's converter does)
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+
+
+def gguf_problem(config: dict) -> str | None:
+    """Why a model with this config.json cannot be written to a GGUF llama.cpp runs as transformers does, or None."""
+    model_type = config.get("model_type", "")
+    if model_type not in GGUF_ARCHITECTURES:
+        return f"GGUF export does not support the '{model_type}' architecture (GGUF: {', '.join(sorted(GGUF_ARCHITECTURES))})"
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
+    scalar = config.get("query_pre_attn_scalar")
+    if model_type.startswith("gemma") and scalar is not None and scalar != head_dim:
+        # llama.cpp scales Gemma's queries by 1/sqrt(head size), and by the 27B's own rule only for that model
+        return f"GGUF export needs query_pre_attn_scalar equal to the head size ({scalar} != {head_dim}) for llama.cpp"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kinds = {r.get("rope_type") for r in rope.values() if isinstance(r, dict)} or {rope.get("rope_type")}
+    if kinds & {"longrope", "su", "yarn", "dynamic"}:
+        return f"GGUF export does not write {'/'.join(sorted(k for k in kinds if k))} rope scaling yet"
+    sliding = (rope.get("sliding_attention") or {}).get("rope_theta")
+    if model_type == "gemma3_text" and sliding not in (None, 10000.0):
+        return f"llama.cpp runs Gemma 3's sliding layers with rope base 10000, this model uses {sliding}"
+    return None

@@ -22,7 +22,7 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-EXPORT_FORMATS = ("merged_fp16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0")
+EXPORT_FORMATS = ("merged_fp16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0")
 
 
 def qtune(*args, cwd: Path) -> tuple[float, str]:

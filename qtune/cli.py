@@ -12,6 +12,7 @@ from qtune.errors import EXIT_PIPE_CLOSED, EXIT_RECIPE, QtuneError
 from qtune.library_noise import quiet_library_noise
 from qtune.recipe import EXPORT_FORMATS, MERGE_BASES, PUSH_TARGETS
 from qtune.run_dir import check_run_folder
+from qtune.tiny_models import FAMILIES
 
 USAGE_EXAMPLES = """examples:
   qtune validate recipes/demo.yaml
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model", help="build a small model + tokenizer locally and pretrain it briefly (demo, tests)"
     )
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", choices=["llama", "qwen2"], default="llama")
+    tiny.add_argument("--family", choices=list(FAMILIES), default="llama")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
         "--pretrain-steps",

@@ -202,7 +202,7 @@ def export_formats_problem(formats, config: dict) -> str | None:
     problem = gguf_problem(config) if gguf else None
     if problem:
         working = [f for f in EXPORT_FORMATS if not f.startswith("gguf_")]
-        return f"{problem}; {', '.join(gguf)} cannot be written for this model; it can have: {', '.join(working)}"
+        return f"{problem}, so not {', '.join(gguf)}; for this model: {', '.join(working)}"
     return None
 
 

@@ -188,7 +188,8 @@ def test_unsupported_architecture_is_refused_before_writing(llama_run, tmp_path,
     (run_copy / "recipe.yaml").write_text(recipe_text)
     code, _, err = run_cli("export", run_copy, "--format", "gguf_q8_0", "--out", tmp_path / "out")
     assert code == EXIT_ENVIRONMENT
-    assert err.startswith("qtune: error: GGUF export (gguf_q8_0) does not support the 'gemma' architecture")
+    assert err.startswith("qtune: error: GGUF export does not support the 'gemma' architecture")
+    assert "so not gguf_q8_0" in err
     assert "for this model: adapter, merged_fp16, merged_bf16, nf4" in err
     assert not (tmp_path / "out").exists()
 

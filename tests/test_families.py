@@ -49,6 +49,8 @@ FAMILY_CASES = {
     "qwen2": ("qwen2", None),
     "qwen3": ("qwen3", None),
     "gemma2": ("gemma2", None),  # eager attention, soft-capped logits, sliding window
+    "gemma3": ("gemma3", None),  # q/k norms, sliding layers
+    "phi3": ("phi3", None),  # fused qkv_proj and gate_up_proj, which LoRA all-linear must reach
 }
 
 
@@ -129,3 +131,9 @@ def test_the_control_a_fused_loss_without_gemma2s_soft_capping_differs(tiny_toke
     loss, grads, reference = speed_path_against_plain("gemma2", tiny_tokenizer, softcap=False)
     with pytest.raises(AssertionError):
         assert_close(loss, grads, reference)
+
+
+def test_lora_all_linear_reaches_phi3s_fused_projections(tiny_tokenizer):
+    plain, _ = family_lora_models("phi3", tiny_tokenizer)
+    adapted = {name.split(".lora_A")[0].split(".")[-1] for name, _ in plain.named_parameters() if ".lora_A" in name}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

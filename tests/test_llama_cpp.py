@@ -22,12 +22,17 @@ def exported(request, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("gguf")
     export(
-        run, ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"], out_dir=out, eval_samples=2, echo=lambda *_: None
+        run,
+        ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"],
+        out_dir=out,
+        eval_samples=2,
+        echo=lambda *_: None,
     )
     return out
 
 
-@pytest.mark.parametrize("quant, tolerance", [("f16", 0.05), ("q8_0", 0.3), ("q4_0", 3.0)])
+# q4_k_m on these 64-wide models is llama.cpp's fallback mix (Q5_0 and Q8_0 where 256-value blocks do not fit)
+@pytest.mark.parametrize("quant, tolerance", [("f16", 0.05), ("q8_0", 0.3), ("q4_k_m", 3.0), ("q4_0", 3.0)])
 def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
     import llama_cpp  # an ImportError here is a failure: this check needs the real llama.cpp
     import torch
@@ -58,7 +63,7 @@ def test_llama_cpp_loads_tokenizes_and_predicts(exported, quant, tolerance):
     top2 = np.sort(hf_logits, axis=-1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN
     agreement = (cpp_logits.argmax(-1) == hf_logits.argmax(-1))[decisive].mean()
-    assert decisive.sum() >= len(ids) // 2 and agreement >= (0.99 if quant != "q4_0" else 0.8)
+    assert decisive.sum() >= len(ids) // 2 and agreement >= (0.99 if quant in ("f16", "q8_0") else 0.8)
 
     completion = llm.create_completion(text + "\n\n### Response:\n", max_tokens=8, temperature=0.0)
     assert completion["usage"]["completion_tokens"] > 0 and completion["choices"][0]["finish_reason"] in (

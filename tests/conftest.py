@@ -224,3 +224,12 @@ def phi3_run(tmp_path_factory, alpaca_file):
 
     base = write_tiny_model(tmp_path_factory.mktemp("models") / "p3", "phi3", pretrain_steps=60, **TINY_SHAPE)
     return train_run(tmp_path_factory, base, alpaca_file, "p3-run")
+
+
+@pytest.fixture(scope="session")
+def gemma2_run(tmp_path_factory, alpaca_file):
+    """Gemma 2: logit soft-capping (eager attention), alternating sliding window, norms that multiply by (1 + w)."""
+    from qtune.tiny_models import write_tiny_model
+
+    base = write_tiny_model(tmp_path_factory.mktemp("models") / "gemma2", "gemma2", pretrain_steps=30, **TINY_SHAPE)
+    return train_run(tmp_path_factory, base, alpaca_file, "gemma2-run")

@@ -14,10 +14,21 @@ from qtune.export.run import export
 from qtune.run_dir import LOCK, MARKER, open_run
 from qtune.weights import quantized_weight_names
 
-ALL_FORMATS = ["adapter", "merged_fp16", "merged_bf16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0"]
+ALL_FORMATS = [
+    "adapter",
+    "merged_fp16",
+    "merged_bf16",
+    "nf4",
+    "gguf_f16",
+    "gguf_q8_0",
+    "gguf_q6_k",
+    "gguf_q5_k_m",
+    "gguf_q4_k_m",
+    "gguf_q4_0",
+]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, family, run_cli):
     run_dir = request.getfixturevalue(f"{family}_run")
     out = tmp_path / "export"
@@ -32,8 +43,12 @@ def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, famil
         assert rows[name]["mean_kl"] <= 1e-5, (name, rows[name])
     assert rows["merged_bf16"]["top1_agreement"] >= 0.99
     assert rows["gguf_q8_0"]["top1_agreement"] >= 0.99
-    for name in ("nf4", "gguf_q4_0"):
+    # 64 columns: the k-quant formats are llama.cpp's fallback mixes here (Q8_0 for Q6_K, Q5_0 / Q5_1 for Q4_K /
+    # Q5_K); tests/test_kquants.py exports a model wide enough for the k-quants themselves
+    for name in ("nf4", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0"):
         assert np.isfinite(rows[name]["perplexity"]) and rows[name]["mean_kl"] > rows["gguf_q8_0"]["mean_kl"]
+    assert rows["gguf_q6_k"]["top1_agreement"] >= 0.99
+    print(family, {name: f"{row['mean_kl']:.1e} / {100 * row['top1_agreement']:.1f}%" for name, row in rows.items()})
     assert "adapter+NF4" in stdout and "gguf_q4_0" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # no staging or work folders left behind: only qtune's marker and lock are hidden

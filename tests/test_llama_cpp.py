@@ -13,12 +13,16 @@ from qtune.metrics import DECISIVE_MARGIN
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["bpe", "sentencepiece", "qwen3", "mistral"])
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece", "qwen2", "qwen3", "mistral"])
 def exported(request, tmp_path_factory):
     run = request.getfixturevalue(
-        {"bpe": "llama_run", "sentencepiece": "spm_llama_run", "qwen3": "qwen3_run", "mistral": "mistral_run"}[
-            request.param
-        ]
+        {
+            "bpe": "llama_run",
+            "sentencepiece": "spm_llama_run",
+            "qwen2": "qwen2_run",
+            "qwen3": "qwen3_run",
+            "mistral": "mistral_run",
+        }[request.param]
     )
     out = tmp_path_factory.mktemp("gguf")
     export(

@@ -92,10 +92,35 @@ def gguf_config(path: Path):
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if hasattr(config, "query_pre_attn_scalar") and getattr(config, "head_dim", None):
         config.query_pre_attn_scalar = config.head_dim
+    if config.model_type == "phi3":
+        restore_longrope(config, path)
     if (config.pad_token_id or 0) >= config.vocab_size:
         # Phi-3's config class defaults the pad id to 32000, which the reader keeps when the file names no pad token
         config.pad_token_id = None
     return config
+
+
+def restore_longrope(config, path: Path) -> None:
+    """transformers' GGUF reader drops Phi-3's longrope factors (Phi-4-mini, Phi-3-128k), which the file carries as
+    tensors, and builds plain rope: 0.027 off in the logits of a tiny model. Put them back from the file
+    (tests/test_export.py::test_phi3_longrope_writes_its_factors_and_other_rope_scalings_are_refused)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    factors = {
+        t.name.split(".")[0]: [float(x) for x in t.data] for t in reader.tensors if t.name.startswith("rope_factors_")
+    }
+    if not factors:
+        return
+    original = int(reader.fields["phi3.rope.scaling.original_context_length"].contents())
+    config.original_max_position_embeddings = original
+    config.rope_parameters = {
+        **(config.rope_parameters or {}),
+        "rope_type": "longrope",
+        "long_factor": factors["rope_factors_long"],
+        "short_factor": factors["rope_factors_short"],
+        "original_max_position_embeddings": original,
+    }
 
 
 def artifact_size(path: Path) -> int:

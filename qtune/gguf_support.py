@@ -28,8 +28,9 @@ def gguf_problem(config: dict) -> str | None:
         return f"GGUF export needs query_pre_attn_scalar equal to the head size ({scalar} != {head_dim}) for llama.cpp"
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     kinds = {r.get("rope_type") for r in rope.values() if isinstance(r, dict)} or {rope.get("rope_type")}
-    if kinds & {"longrope", "su", "yarn", "dynamic"}:
-        return f"GGUF export does not write {'/'.join(sorted(k for k in kinds if k))} rope scaling yet"
+    unsupported = kinds & {"su", "yarn", "dynamic"} | (kinds & {"longrope"} if model_type != "phi3" else set())
+    if unsupported:
+        return f"GGUF export does not write {'/'.join(sorted(unsupported))} rope scaling yet"
     sliding = (rope.get("sliding_attention") or {}).get("rope_theta")
     if model_type == "gemma3_text" and sliding not in (None, 10000.0):
         return f"llama.cpp runs Gemma 3's sliding layers with rope base 10000, this model uses {sliding}"

@@ -171,19 +171,19 @@ def build_model(
 
     vocab = len(tokenizer)
     common = dict(
+        max_position_embeddings=4096,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[t for t in (tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")) if t is not None],
         tie_word_embeddings=tie_embeddings,
         torch_dtype="float32",
-        **(config_extra or {}),  # e.g. Llama 3's rope_scaling
     )
+    common.update(config_extra or {})  # e.g. Llama 3's rope_scaling, a longer or shorter context
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "qwen2":

@@ -398,3 +398,41 @@ def test_merged_into_the_original_weights_every_artifact_is_judged_as_4_bit(tmp_
         )
         == 1
     )
+
+
+def test_phi3_longrope_writes_its_factors_and_other_rope_scalings_are_refused(tmp_path):
+    """Phi-4-mini and Phi-3-128k: llama.cpp reads longrope from two factor tensors, the original context and the
+    attention factor (as its converter writes them). YaRN and dynamic scaling are refused from config.json."""
+    import math
+
+    import gguf
+
+    from qtune.export.gguf import write_gguf
+    from qtune.gguf_support import gguf_problem
+    from qtune.tiny_models import write_tiny_model
+
+    longrope = {"type": "longrope", "long_factor": [1.0 + i / 2 for i in range(16)], "short_factor": [1.0] * 16}
+    extra = dict(max_position_embeddings=128, original_max_position_embeddings=32, rope_scaling=longrope)
+    shape = dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
+    model_dir = write_tiny_model(tmp_path / "model", "phi3", config_extra=extra, **shape)
+    reader = gguf.GGUFReader(write_gguf(model_dir, tmp_path / "m.gguf", "F16", echo=lambda *_: None))
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert np.allclose(tensors["rope_factors_long.weight"], longrope["long_factor"])
+    assert np.allclose(tensors["rope_factors_short.weight"], 1.0)
+    assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == 32
+    expected = math.sqrt(1 + math.log(128 / 32) / math.log(32))
+    assert abs(reader.fields["phi3.rope.scaling.attn_factor"].contents() - expected) < 1e-6
+    assert gguf_problem({"model_type": "phi3", "rope_scaling": longrope}) is None
+    # transformers' reader drops the factors (0.027 off on this model); qtune's fidelity run puts them back
+    from transformers import AutoModelForCausalLM
+
+    from qtune.evaluate import load_artifact
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    read_back = load_artifact("gguf_f16", tmp_path / "m.gguf", False, torch.float32).eval()
+    for length in (20, 100):  # short and long factors
+        ids = torch.tensor([list(range(3, 3 + length))])
+        with torch.no_grad():
+            assert (model(input_ids=ids).logits - read_back(input_ids=ids).logits).abs().max() < 0.005
+    yarn = {"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    assert "yarn rope scaling" in gguf_problem(yarn)

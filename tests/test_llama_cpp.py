@@ -275,3 +275,29 @@ def test_a_gemma3_gguf_matches_llama_cpps_own_conversion():
     # not identical: the cached base is bf16 (as Google publishes Gemma), so its weights sit near llama.cpp's grid
     # rather than on it, and re-quantizing moves some by a step
     assert agreement == 1.0 and difference < 2.0
+
+
+def test_llama_cpp_runs_phi3_longrope_past_the_original_context(tmp_path):
+    """A sequence past the original context (32 here): transformers switches to the long factors, and llama.cpp,
+    whose context is longer than the original, uses them too. Measured: max |Δlogit| 0.0013 over 100 tokens."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.export.gguf import write_gguf
+    from qtune.tiny_models import write_tiny_model
+
+    longrope = {"type": "longrope", "long_factor": [1.0 + i / 2 for i in range(16)], "short_factor": [1.0] * 16}
+    extra = dict(max_position_embeddings=128, original_max_position_embeddings=32, rope_scaling=longrope)
+    shape = dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
+    model_dir = write_tiny_model(tmp_path / "m", "phi3", pretrain_steps=20, config_extra=extra, **shape)
+    path = write_gguf(model_dir, tmp_path / "m.gguf", "F16", echo=lambda *_: None)
+    ids = [0] + list(range(5, 104))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(ids)
+    difference = np.abs(np.array(llm.eval_logits) - reference).max()
+    print(f"llama.cpp phi3 longrope, 100 tokens: max |Δlogit| {difference:.4f}")
+    assert difference < 0.01

@@ -59,6 +59,25 @@ def add_hyperparameters(writer, arch: str, config) -> None:
     elif arch == "phi3":
         # llama.cpp takes 0 for "no sliding window" (Phi-4), as its converter writes it
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+        if rope_parameters(config).get("rope_type") == "longrope":  # Phi-4-mini, Phi-3-128k
+            original = longrope_original_context(config)
+            writer.add_rope_scaling_orig_ctx_len(original)
+            writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
+
+
+def longrope_original_context(config) -> int:
+    return rope_parameters(config).get("original_max_position_embeddings") or config.original_max_position_embeddings
+
+
+def longrope_attention_factor(config) -> float:
+    """What transformers' longrope multiplies cos and sin by, and llama.cpp reads from the file."""
+    import math
+
+    given = rope_parameters(config).get("attention_factor")
+    if given is not None:
+        return float(given)
+    scale = config.max_position_embeddings / longrope_original_context(config)
+    return math.sqrt(1 + math.log(scale) / math.log(longrope_original_context(config))) if scale > 1 else 1.0
 
 
 def as_llama_cpp_expects(arch: str, config, hf_name: str, data: np.ndarray) -> np.ndarray:
@@ -96,6 +115,16 @@ def extra_tensors(config) -> dict[str, np.ndarray]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     text = config.get_text_config()
+    if rope_parameters(text).get("rope_type") == "longrope":
+        # Phi-3's long-context rope: llama.cpp divides each frequency by these, the long set when its context is
+        # longer than the original one, as transformers does when the sequence is
+        return {
+            gguf.TENSOR_NAMES[kind] + ".weight": np.asarray(rope_parameters(text)[key], dtype=np.float32)
+            for kind, key in (
+                (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"),
+            )
+        }
     if rope_parameters(text).get("rope_type") != "llama3":
         return {}
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](text, "cpu")

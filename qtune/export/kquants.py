@@ -1,12 +1,12 @@
-"""GGUF k-quant blocks (Q4_K, Q5_K, Q6_K) written in-process, vectorized with numpy.
+"""GGUF k-quant blocks (Q4_K, Q5_K, Q6_K) written in-process, vectorized with torch and numpy.
 
 The gguf package (0.19) reads k-quants but cannot write them, and llama.cpp's quantizer needs a build. These follow
 llama.cpp's reference quantizers (`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, the path llama-quantize takes
 without an importance matrix): the same search over scales, the same 6-bit scale packing and the same byte layout,
 so llama.cpp and gguf's own dequantizer read the blocks back. They are evaluated for every sub-block of a tensor at
 once instead of one sub-block at a time; float32 sums in a different order can pick a different candidate on a near
-tie, so a block may differ from llama.cpp's in a last rounding, never in format (tests/test_kquants.py compares the
-reconstruction error with llama.cpp's own quantizer).
+tie, so a block may differ from llama.cpp's in a last rounding, never in format (tests/test_llama_cpp.py compares
+blocks, files and reconstruction error with llama.cpp's own quantizer).
 
 Block layouts (ggml-common.h), 256 weights per super-block:
   Q4_K: d f16, dmin f16, scales[12] (8 six-bit scales and mins), qs[128]                          = 144 bytes
@@ -23,7 +23,7 @@ BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 GROUP_MAX_EPS = 1e-15
 # Super-blocks quantized together: ~20 passes over each chunk in torch, and per-row arithmetic in numpy whose cost
 # per call falls as the chunk grows. 4,096 super-blocks (4 MiB of float32, the L2 cache of the machine measured) ran
-# fastest: Q4_K 14.5 M values/s against 9.6 with 256 and 11.0 with 16,384 (2 cores).
+# fastest of 256 to 16,384 on 2 cores (measured before the error was summed term by term; not re-measured since).
 SUPER_BLOCKS_PER_CHUNK = 4096
 
 

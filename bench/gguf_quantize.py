@@ -32,21 +32,9 @@ LLAMA_FILE_TYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2
 
 def build(folder: Path, layers: int) -> int:
     sys.path.insert(0, str(BENCH))
-    from merge_memory import save_random_llama
+    from merge_memory import build_base
 
-    return save_random_llama(
-        folder,
-        dict(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=layers,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-        ),
-        unit_norms=True,
-    )
+    return build_base(folder, layers, unit_norms=True)
 
 
 def quantize_with_llama_cpp(source: Path, target: Path, file_type: int, threads: int) -> float:

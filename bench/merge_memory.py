@@ -55,7 +55,8 @@ def save_random_llama(folder: Path, shape: dict, *, unit_norms: bool = False) ->
     return sum(p.numel() for p in model.parameters())
 
 
-def build_base(folder: Path, layers: int) -> int:
+def build_base(folder: Path, layers: int, *, unit_norms: bool = False) -> int:
+    """A Llama of TinyLlama-1.1B's shape (32k vocabulary), `layers` deep, random weights."""
     return save_random_llama(
         folder,
         dict(
@@ -67,6 +68,7 @@ def build_base(folder: Path, layers: int) -> int:
             num_key_value_heads=4,
             max_position_embeddings=2048,
         ),
+        unit_norms=unit_norms,
     )
 
 

@@ -175,15 +175,19 @@ LLAMA3_ROPE = {
 }
 
 
+def family_run(tmp_path_factory, alpaca_file, family: str, folder: str, pretrain_steps: int = 60, **model_extra):
+    """A finished 10-step run on a pretrained tiny model of one family (TINY_SHAPE), built in `folder`."""
+    from qtune.tiny_models import write_tiny_model
+
+    models = tmp_path_factory.mktemp("models")
+    base = write_tiny_model(models / folder, family, pretrain_steps=pretrain_steps, **model_extra, **TINY_SHAPE)
+    return train_run(tmp_path_factory, base, alpaca_file, f"{folder}-run")
+
+
 @pytest.fixture(scope="session")
 def llama3_run(tmp_path_factory, alpaca_file):
     """A run on a Llama-3-style model: llama3 rope scaling (original context 32 positions)."""
-    from qtune.tiny_models import write_tiny_model
-
-    base = write_tiny_model(
-        tmp_path_factory.mktemp("models") / "llama3", "llama", pretrain_steps=30, config_extra=LLAMA3_ROPE, **TINY_SHAPE
-    )
-    return train_run(tmp_path_factory, base, alpaca_file, "llama3-run")
+    return family_run(tmp_path_factory, alpaca_file, "llama", "llama3", pretrain_steps=30, config_extra=LLAMA3_ROPE)
 
 
 @pytest.fixture(scope="session")
@@ -202,34 +206,22 @@ def qwen3_run(tmp_path_factory, pretrained_qwen3, alpaca_file):
 @pytest.fixture(scope="session")
 def mistral_run(tmp_path_factory, alpaca_file):
     """Mistral: a sliding-window config, written to GGUF as llama (as llama.cpp's converter does)."""
-    from qtune.tiny_models import write_tiny_model
-
-    base = write_tiny_model(tmp_path_factory.mktemp("models") / "mistral", "mistral", pretrain_steps=60, **TINY_SHAPE)
-    return train_run(tmp_path_factory, base, alpaca_file, "mistral-run")
+    return family_run(tmp_path_factory, alpaca_file, "mistral", "mistral")
 
 
 @pytest.fixture(scope="session")
 def gemma3_run(tmp_path_factory, alpaca_file):
     """Gemma 3: norms that multiply by (1 + w), q/k norms, sliding layers, tied embeddings; bf16 on a GPU."""
-    from qtune.tiny_models import write_tiny_model
-
-    base = write_tiny_model(tmp_path_factory.mktemp("models") / "gemma3", "gemma3", pretrain_steps=60, **TINY_SHAPE)
-    return train_run(tmp_path_factory, base, alpaca_file, "gemma3-run")
+    return family_run(tmp_path_factory, alpaca_file, "gemma3", "gemma3")
 
 
 @pytest.fixture(scope="session")
 def phi3_run(tmp_path_factory, alpaca_file):
     """Phi-3: fused qkv_proj and gate_up_proj, which LoRA all-linear trains and GGUF keeps fused."""
-    from qtune.tiny_models import write_tiny_model
-
-    base = write_tiny_model(tmp_path_factory.mktemp("models") / "p3", "phi3", pretrain_steps=60, **TINY_SHAPE)
-    return train_run(tmp_path_factory, base, alpaca_file, "p3-run")
+    return family_run(tmp_path_factory, alpaca_file, "phi3", "p3")
 
 
 @pytest.fixture(scope="session")
 def gemma2_run(tmp_path_factory, alpaca_file):
     """Gemma 2: logit soft-capping (eager attention), alternating sliding window, norms that multiply by (1 + w)."""
-    from qtune.tiny_models import write_tiny_model
-
-    base = write_tiny_model(tmp_path_factory.mktemp("models") / "gemma2", "gemma2", pretrain_steps=30, **TINY_SHAPE)
-    return train_run(tmp_path_factory, base, alpaca_file, "gemma2-run")
+    return family_run(tmp_path_factory, alpaca_file, "gemma2", "gemma2", pretrain_steps=30)

@@ -11,21 +11,11 @@ from conftest import recipe_dict, write_recipe
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError
 from qtune.export.merge import write_merged
 from qtune.export.run import export
+from qtune.recipe import EXPORT_FORMATS
 from qtune.run_dir import LOCK, MARKER, open_run
 from qtune.weights import quantized_weight_names
 
-ALL_FORMATS = [
-    "adapter",
-    "merged_fp16",
-    "merged_bf16",
-    "nf4",
-    "gguf_f16",
-    "gguf_q8_0",
-    "gguf_q6_k",
-    "gguf_q5_k_m",
-    "gguf_q4_k_m",
-    "gguf_q4_0",
-]
+ALL_FORMATS = list(EXPORT_FORMATS)  # every format, adapter included
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])

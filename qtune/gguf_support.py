@@ -27,7 +27,12 @@ def gguf_problem(config: dict) -> str | None:
         # llama.cpp scales Gemma's queries by 1/sqrt(head size), and by the 27B's own rule only for that model
         return f"GGUF export needs query_pre_attn_scalar equal to the head size ({scalar} != {head_dim}) for llama.cpp"
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kinds = {r.get("rope_type") for r in rope.values() if isinstance(r, dict)} or {rope.get("rope_type")}
+
+    # config.json files written before transformers 4.45 name the kind "type" (Qwen2.5's YaRN recipe, Phi-3's longrope)
+    def kind(parameters: dict):
+        return parameters.get("rope_type") or parameters.get("type")
+
+    kinds = {kind(r) for r in rope.values() if isinstance(r, dict)} or {kind(rope)}
     unsupported = kinds & {"su", "yarn", "dynamic"} | (kinds & {"longrope"} if model_type != "phi3" else set())
     if unsupported:
         return f"GGUF export does not write {'/'.join(sorted(unsupported))} rope scaling yet"

@@ -426,3 +426,5 @@ def test_phi3_longrope_writes_its_factors_and_other_rope_scalings_are_refused(tm
             assert (model(input_ids=ids).logits - read_back(input_ids=ids).logits).abs().max() < 0.005
     yarn = {"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
     assert "yarn rope scaling" in gguf_problem(yarn)
+    older = {"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}}  # a config.json before 4.45
+    assert "yarn rope scaling" in gguf_problem(older)

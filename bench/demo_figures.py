@@ -25,18 +25,19 @@ REPO = BENCH.parent
 EXPORT_FORMATS = ("merged_fp16", "nf4", "gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0")
 
 
-def qtune(*args, cwd: Path) -> tuple[float, str]:
+def run(argv: list, cwd: Path) -> tuple[float, str]:
+    """(seconds, output) of one command, in a fresh process on the CPU; a failure ends the benchmark."""
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "qtune", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     )
     if done.returncode != 0:
-        raise SystemExit(f"qtune {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(map(str, argv[1:]))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - started, done.stdout + done.stderr
+
+
+def qtune(*args, cwd: Path) -> tuple[float, str]:
+    return run([sys.executable, "-m", "qtune", *args], cwd)
 
 
 def exact_match(run: Path, rows: list[dict], cwd: Path) -> dict:
@@ -68,7 +69,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     figures = {}
     figures["make_tiny_model_s"], _ = qtune(
-        "make-tiny-model", work / "runs/tiny-llama", "--demo-data", work / "runs/demo-data.jsonl", cwd=work
+        "make-tiny-model",
+        work / "runs/tiny-llama",
+        "--demo-data",
+        work / "runs/demo-data.jsonl",
+        "--preference-data",
+        work / "runs/demo-preference.jsonl",
+        cwd=work,
     )
     (work / "recipes").mkdir(exist_ok=True)
     (work / "recipes/demo.yaml").write_text((REPO / "recipes/demo.yaml").read_text())  # its paths are relative

@@ -24,7 +24,11 @@ class Reply:
     new_tokens: int
 
 
-def prompt_style(recipe) -> str:
+def prompt_style(recipe, data_report: dict | None = None) -> str:
+    """How prompts were written in training: chat (a template), alpaca, or raw text. Preference data says in its
+    report (metrics.json), since its prompts are text or conversations row by row."""
+    if data_report and data_report.get("prompt_style"):
+        return data_report["prompt_style"]
     formats = {d.format for d in recipe.data.datasets}
     if formats & {"messages", "sharegpt"}:
         return "chat"
@@ -41,7 +45,7 @@ def load_for_generation(run_dir: str | Path, artifact: str | None = None):
     from qtune.model import keep_cpu_4bit_layout_trainable, load_adapter_model, resolve_compute_dtype
 
     trained = open_run(run_dir)
-    style = prompt_style(trained.recipe)
+    style = prompt_style(trained.recipe, trained.metrics().get("data"))
     if artifact is None:
         model = load_adapter_model(trained, resolve_compute_dtype(trained.recipe.quant.compute_dtype))
         tokenizer = AutoTokenizer.from_pretrained(trained.adapter_dir)

@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="full-precision language-model steps on generated text, so the base is not random (0: skip)",
     )
     tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
+    tiny.add_argument(
+        "--preference-data",
+        metavar="FILE",
+        help="also write preference pairs on the demo's tasks (right answer chosen, a wrong one rejected) for DPO / ORPO",
+    )
     return parser
 
 
@@ -165,8 +170,9 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_local_model(recipe)
     steps = f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs"
+    lora = f"continuing the adapter {recipe.model.adapter}" if recipe.model.adapter else f"LoRA r={recipe.lora.r}"
     print(
-        f"ok: {args.recipe}: {recipe.model.name} in {recipe.quant.type}, LoRA r={recipe.lora.r}, "
+        f"ok: {args.recipe}: {recipe.train.method} of {recipe.model.name} in {recipe.quant.type}, {lora}, "
         f"{len(recipe.data.datasets)} dataset(s), {steps} -> {recipe.train.output_dir}"
     )
     return 0
@@ -329,6 +335,9 @@ def cmd_make_tiny_model(args) -> int:
     print(f"tiny {args.family} model written to {out} ({args.pretrain_steps} pretraining steps)")
     if args.demo_data:
         print(f"demo data written to {write_demo_data(args.demo_data, seed=args.seed)}")
+    if args.preference_data:  # other prompts than the SFT data's: another seed
+        written = write_demo_data(args.preference_data, count=1000, seed=args.seed + 1, preference=True)
+        print(f"preference pairs written to {written}")
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from qtune.errors import DataError, RecipeError
 from qtune.recipe import DataSection, DatasetSpec
-from qtune.rows import read_rows
+from qtune.rows import place_of, read_rows
 
 # Stanford Alpaca's prompt, as axolotl and the alpaca-lora scripts use it.
 ALPACA_WITH_INPUT = (
@@ -113,7 +113,7 @@ def normalize_rows(rows: list[dict], spec: DatasetSpec) -> list[dict]:
     samples = []
     for index, row in enumerate(rows):
         get = lambda name, row=row: row.get(source[name])  # noqa: E731
-        at = f"{where}, row {index + 1}"
+        at = f"{where}, {place_of(rows, index)}"
         if spec.format == "alpaca":
             instruction, output, extra = get("instruction"), get("output"), get("input") or ""
             check_text(instruction, "instruction", at)
@@ -222,14 +222,21 @@ def assistant_spans(messages: list[dict], render: Callable, full_text: str) -> l
     return spans
 
 
-def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
-    """Read, check, tokenize, truncate and split every dataset of the recipe."""
+def renderer(data: DataSection, tokenizer) -> tuple[str | None, Callable]:
+    """(the chat template, render(messages, add_generation_prompt) -> the text it makes of them)."""
     template = resolve_chat_template(data, tokenizer)
 
     def render(messages, add_generation_prompt):
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
         )
+
+    return template, render
+
+
+def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
+    """Read, check, tokenize, truncate and split every dataset of the recipe."""
+    template, render = renderer(data, tokenizer)
 
     def tokenize_specs(specs: list[DatasetSpec], report_rows: list[dict]) -> TokenizedSplit:
         split = TokenizedSplit()
@@ -254,23 +261,14 @@ def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
             report_rows.append(stats)
         return split
 
-    sources: list[dict] = []
-    train = tokenize_specs(data.datasets, sources)
-    if len(train) == 0:
-        raise DataError(
-            "no training sample has a supervised token after masking and truncation",
+    def nothing_to_learn(sources: list[dict], role: str) -> DataError:
+        return DataError(
+            f"no {role} sample has a supervised token after masking and truncation",
             where=", ".join(s["path"] for s in sources),
             fix="check completions/assistant turns are not empty, raise data.max_length, or set data.train_on_inputs: true",
         )
-    val_sources: list[dict] = []
-    if data.val_datasets:
-        val = tokenize_specs(data.val_datasets, val_sources)
-        if len(val) == 0:
-            raise DataError("validation data has no supervised token", where=", ".join(s["path"] for s in val_sources))
-    elif data.val_size > 0:
-        train, val = split_off_validation(train, data.val_size, seed)
-    else:
-        val = None
+
+    train, val, sources, val_sources = splits(data, tokenize_specs, split_off_validation, nothing_to_learn, seed=seed)
     report = {
         "sources": sources + [dict(s, role="validation") for s in val_sources],
         "train_samples": len(train),
@@ -286,20 +284,44 @@ def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
     return PreparedData(train.to_dataset(), val.to_dataset() if val is not None else None, report)
 
 
-def split_off_validation(rows: TokenizedSplit, val_size: float, seed: int) -> tuple[TokenizedSplit, TokenizedSplit]:
-    count = len(rows)
+def splits(data: DataSection, tokenize_specs: Callable, split_off: Callable, nothing_left: Callable, *, seed: int):
+    """(train, validation or None, train sources' reports, validation sources' reports): the datasets tokenized,
+    and the validation split from data.val_datasets, or held out of the training rows (val_size), or none."""
+    sources: list[dict] = []
+    train = tokenize_specs(data.datasets, sources)
+    if len(train) == 0:
+        raise nothing_left(sources, "training")
+    val_sources: list[dict] = []
+    if data.val_datasets:
+        val = tokenize_specs(data.val_datasets, val_sources)
+        if len(val) == 0:
+            raise nothing_left(val_sources, "validation")
+    elif data.val_size > 0:
+        train, val = split_off(train, data.val_size, seed)
+    else:
+        val = None
+    return train, val, sources, val_sources
+
+
+def held_out(count: int, val_size: float, seed: int, what: str = "sample") -> set[int]:
+    """The indices of the validation share, drawn with the run's seed."""
     val_count = max(1, round(count * val_size))
     if count - val_count < 1:
         raise DataError(
-            f"{count} usable sample(s) is too few to hold out val_size={val_size}",
+            f"{count} usable {what}(s) is too few to hold out val_size={val_size}",
             fix="add data, or set data.val_size: 0",
         )
     order = list(range(count))
     random.Random(seed).shuffle(order)
-    held_out = set(order[:val_count])
+    return set(order[:val_count])
+
+
+def split_off_validation(rows: TokenizedSplit, val_size: float, seed: int) -> tuple[TokenizedSplit, TokenizedSplit]:
+    count = len(rows)
+    held = held_out(count, val_size, seed)
     train, val = TokenizedSplit(), TokenizedSplit()
     for i in range(count):
-        target = val if i in held_out else train
+        target = val if i in held else train
         target.input_ids.append(rows.input_ids[i])
         target.labels.append(rows.labels[i])
     return train, val

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qtune import data as data_stage
-from qtune import metrics
+from qtune import metrics, preference
 from qtune.fsutil import write_json_atomically
 from qtune.memory import PRECISIONS, inventory, load_config, weight_memory
 from qtune.model import (
@@ -48,8 +48,13 @@ def fidelity_samples(
             chat_template=section.chat_template,
             train_on_inputs=section.train_on_inputs,
         )
-    prepared = data_stage.build(section, tokenizer, seed=trained.recipe.train.seed)
+    if section.datasets[0].format == "preference":  # a preference run is compared on its prompts and chosen answers
+        prepared = preference.build_pairs(section, tokenizer, seed=trained.recipe.train.seed)
+    else:
+        prepared = data_stage.build(section, tokenizer, seed=trained.recipe.train.seed)
     dataset = prepared.val if prepared.val is not None and not eval_data else prepared.train
+    if "chosen_ids" in dataset.column_names:
+        dataset = preference.chosen_as_samples(dataset)
     return metrics.samples_from(dataset, limit, max_tokens)
 
 
@@ -193,6 +198,7 @@ def eval_run(
     trained_metrics = trained.metrics()
     if (
         not data
+        and not trained.recipe.preference  # its eval_loss is the preference loss, not this one
         and trained_metrics.get("eval_loss") is not None
         and trained_metrics.get("eval_loss_before") is not None
     ):

@@ -106,6 +106,20 @@ def base_license(model_name: str) -> str | None:
         return None
 
 
+def method_description(recipe) -> str:
+    method = recipe.train.method
+    start = f"; continues the adapter {recipe.model.adapter}" if recipe.model.adapter else ""
+    if method == "dpo":
+        reference = "that adapter" if recipe.model.adapter else "the base model (adapter off)"
+        return (
+            f"DPO on preference pairs (beta {recipe.dpo.beta:g}, loss {recipe.dpo.loss_type}); "
+            f"reference: {reference}{start}"
+        )
+    if method == "orpo":
+        return f"ORPO on preference pairs (beta {recipe.orpo.beta:g}), no reference model{start}"
+    return f"supervised fine-tuning (SFT){start}"
+
+
 def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, str | Path]) -> str:
     from huggingface_hub import ModelCardData
 
@@ -118,7 +132,8 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, s
     front = ModelCardData(
         base_model=recipe.model.name,
         library_name="peft" if "adapter" in what else "transformers",
-        tags=["qlora", "qtune", "lora", "sft", "generated_from_trainer"] + (["gguf"] if "gguf" in what else []),
+        tags=["qlora", "qtune", "lora", recipe.train.method, "generated_from_trainer"]
+        + (["gguf"] if "gguf" in what else []),
         pipeline_tag="text-generation",
         datasets=hub_datasets or None,
         license=base_license(recipe.model.name),
@@ -146,12 +161,20 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, s
         f"| data | {', '.join(f'{d.path} ({d.format})' for d in recipe.data.datasets)}; max_length {recipe.data.max_length} |",
         f"| optimizer | {recipe.train.optimizer}, lr {recipe.train.lr:g} ({recipe.train.lr_scheduler}), "
         f"batch {recipe.train.micro_batch_size} x {recipe.train.grad_accum} accumulation |",
+        f"| method | {method_description(recipe)} |",
         f"| steps | {metrics.get('global_step', 'n/a')} |",
         f"| train loss | {fmt(metrics.get('train_loss'))} |",
         f"| eval loss before -> after | {fmt(metrics.get('eval_loss_before'))} -> {fmt(metrics.get('eval_loss'))} |",
         f"| eval perplexity | {fmt(metrics.get('eval_perplexity'), '.3f')} |",
-        "",
     ]
+    if recipe.preference:
+        lines += [
+            f"| validation reward accuracy before -> after | {fmt(metrics.get('eval_reward_accuracy_before'), '.3f')} "
+            f"-> {fmt(metrics.get('eval_reward_accuracy'), '.3f')} |",
+            f"| validation reward margin before -> after | {fmt(metrics.get('eval_reward_margin_before'))} -> "
+            f"{fmt(metrics.get('eval_reward_margin'))} |",
+        ]
+    lines.append("")
     if report:
         lines += [
             "## Export fidelity",

@@ -230,7 +230,11 @@ def check_vocabulary_fits(base, tokenizer, prepared) -> None:
     """Token ids beyond the embedding table crash deep inside the first forward pass; say so up front."""
     rows = base.get_input_embeddings().num_embeddings
     splits = [prepared.train] + ([prepared.val] if prepared.val is not None else [])
-    highest = max([tokenizer.pad_token_id] + [max(max(ids) for ids in split["input_ids"]) for split in splits])
+    columns = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids") if c in prepared.train.column_names]
+    highest = max(
+        [tokenizer.pad_token_id]
+        + [max((max(ids) for ids in split[column] if ids), default=0) for split in splits for column in columns]
+    )
     if highest >= rows:
         raise EnvironmentProblem(
             f"the tokenizer produces token id {highest} but the model's embedding table has {rows} rows",
@@ -313,12 +317,26 @@ def prepare_for_kbit_training(base, *, gradient_checkpointing: bool):
     return base
 
 
-def attach_lora(base, lora: LoraSection, *, gradient_checkpointing: bool):
-    from peft import get_peft_model
+def attach_lora(
+    base, lora: LoraSection, *, gradient_checkpointing: bool, adapter: str | None = None, dropout: bool = True
+):
+    """A new LoRA adapter as the lora section says, or the trained `adapter` (adapter_source's answer) to continue.
+    dropout=False: none at all (preference tuning scores one sequence with and without the adapter)."""
+    from peft import PeftModel, get_peft_model
 
-    config = build_lora_config(lora, base)
+    config = build_lora_config(lora, base) if adapter is None else None
     base = prepare_for_kbit_training(base, gradient_checkpointing=gradient_checkpointing)
-    model = get_peft_model(base, config)
+    if adapter is None:
+        model = get_peft_model(base, config)
+    else:
+        try:
+            model = PeftModel.from_pretrained(base, adapter, is_trainable=True, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise hub_failure("loading adapter", adapter, e, fix="check model.adapter") from None
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     lean_lora_dropout(model)
     use_lean_ops(model)
     return model

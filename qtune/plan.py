@@ -114,7 +114,16 @@ def plan_training(
     shape = training_shape(config)
     # qtune packs each micro-batch into rows of at most max_length tokens and runs forward and backward one row at
     # a time (qtune.training.trainer.QtuneSFTTrainer.training_step): the activations of one row are alive, whatever the batch.
-    tokens = recipe.data.max_length
+    # Preference tuning trains one pair at a time (qtune.training.preference.QtunePreferenceTrainer.micro_batch_step):
+    # its chosen and rejected sequences, each up to max_length, alive together; with trl's "sft" loss term, the
+    # whole micro-batch's pairs. DPO's reference pass runs without gradients, one layer's activations at a time:
+    # less than the backward transient counted below.
+    sequences = 1
+    if recipe.train.method == "orpo" or recipe.train.method == "dpo" and "sft" not in recipe.dpo.loss_types:
+        sequences = 2
+    elif recipe.train.method == "dpo":
+        sequences = 2 * recipe.train.micro_batch_size
+    tokens = recipe.data.max_length * sequences
     weights = weight_memory(inv, recipe.quant.type + ("_dq" if recipe.quant.double_quant else ""))
     quantized_bytes = weights.total_bytes - inv.unquantized * 2
     # the unquantized parts (embeddings, lm_head, norms) stay in the compute dtype (qtune.model.prepare_for_kbit_training)
@@ -131,7 +140,7 @@ def plan_training(
     from qtune.model import attention_implementation
 
     fused_attention = attention_implementation(config, recipe.model.attn_implementation) != "eager"
-    score_bytes = 0 if fused_attention else shape.heads * recipe.data.max_length**2 * compute_bytes * 2
+    score_bytes = 0 if fused_attention else sequences * shape.heads * recipe.data.max_length**2 * compute_bytes * 2
     # Per token of the row in flight, for each way of keeping activations. With checkpointing: the layer inputs
     # kept, one layer recomputed at a time. With offloading too (qtune/offload.py): the layer inputs wait in CPU
     # memory; the GPU holds one layer's recompute, the input being copied back and the gradient flowing down.
@@ -210,8 +219,10 @@ def plan_training(
     # What does not grow with max_length, and what each token of the row in flight adds, for each way of keeping
     # activations: the largest max_length that fits any memory (qtune plan's table of GPUs).
     result["bytes_fixed"] = fixed - tokens * loss_per_token
-    result["bytes_per_token"] = {m: per_token[m] + loss_per_token for m in per_token}
-    result["score_bytes_per_token_squared"] = {m: scores[m] / tokens**2 for m in scores}
+    # per token of max_length: each of the sequences in flight holds that many
+    result["bytes_per_token"] = {m: (per_token[m] + loss_per_token) * sequences for m in per_token}
+    result["score_bytes_per_token_squared"] = {m: scores[m] / recipe.data.max_length**2 for m in scores}
+    result["sequences_in_flight"] = sequences
     if budget_bytes is not None:
         budget = budget_bytes
         result["gpu_bytes"] = budget
@@ -251,7 +262,12 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
     gib = 2**30
     lines = [
         f"{plan['model']}: predicted peak training memory {plan['total_bytes'] / gib:.2f} GiB "
-        f"(activations of one packed row of {plan['tokens_per_micro_batch']} tokens at a time)"
+        + (
+            f"(activations of one packed row of {plan['tokens_per_micro_batch']} tokens at a time)"
+            if plan["sequences_in_flight"] == 1
+            else f"(preference pairs: {plan['sequences_in_flight']} sequences, chosen and rejected, of up to "
+            f"{plan['tokens_per_micro_batch'] // plan['sequences_in_flight']} tokens at a time)"
+        )
     ]
     for name, value in plan["parts"].items():
         lines.append(f"  {name.replace('_', ' '):<32} {value / gib:8.2f} GiB")

@@ -12,6 +12,22 @@ from qtune.recipe import DatasetSpec
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
+class Rows(list):
+    """A source's rows, and for a JSONL file the line each came from (blank lines are skipped, so the Nth row need
+    not be on line N): error messages name both."""
+
+    def __init__(self, rows, lines: list[int] | None = None):
+        super().__init__(rows)
+        self.lines = lines
+
+    def place(self, index: int) -> str:
+        return f"row {index + 1}" + (f" (line {self.lines[index]})" if self.lines else "")
+
+
+def place_of(rows: list, index: int) -> str:
+    return rows.place(index) if isinstance(rows, Rows) else f"row {index + 1}"
+
+
 def read_rows(spec: DatasetSpec) -> list[dict]:
     """Rows of one dataset source as plain dicts."""
     path = Path(spec.path).expanduser()
@@ -68,7 +84,7 @@ def read_local_file(path: Path) -> list[dict]:
         if bad is not None:
             raise DataError(f"item {bad} of the JSON list is not an object", where=str(path))
         return rows
-    rows = []
+    rows, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -81,7 +97,8 @@ def read_local_file(path: Path) -> list[dict]:
         if not isinstance(row, dict):
             raise DataError(f"line {number} is not a JSON object", where=str(path), fix="one object per line")
         rows.append(row)
-    return rows
+        lines.append(number)
+    return Rows(rows, lines)
 
 
 def read_hub_dataset(spec: DatasetSpec) -> list[dict]:

@@ -57,6 +57,28 @@ def demo_rows(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_rows(count: int, seed: int = 0) -> list[dict]:
+    """Preference pairs on the demo tasks: the right answer is chosen, a typical wrong one rejected (a sum off by
+    one or ten, the word not reversed, a count off by one, the text left in lower case). The prompt is the alpaca
+    prompt the demo's SFT stage trained on."""
+    from qtune.data import alpaca_prompt
+
+    rng = random.Random(seed)
+    rows = []
+    for row in demo_rows(count, seed):
+        answer, given = row["output"], row["input"]
+        if row["instruction"].startswith("Add"):
+            wrong = str(int(answer) + rng.choice([-10, -1, 1, 10]))
+        elif row["instruction"].startswith("Reverse"):
+            wrong = given if given != answer else given + given[-1]
+        elif row["instruction"].startswith("How many"):
+            wrong = str(int(answer) + (1 if int(answer) == 2 else rng.choice([-1, 1])))
+        else:
+            wrong = given
+        rows.append({"prompt": alpaca_prompt(row["instruction"], given), "chosen": answer, "rejected": wrong})
+    return rows
+
+
 def corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     rng = random.Random(seed)
     text = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 15))) for _ in range(lines)]
@@ -308,10 +330,10 @@ def write_tiny_model(
     return out
 
 
-def write_demo_data(path: str | Path, count: int = 2000, seed: int = 0) -> Path:
+def write_demo_data(path: str | Path, count: int = 2000, seed: int = 0, *, preference: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for row in demo_rows(count, seed):
+        for row in (preference_rows if preference else demo_rows)(count, seed):
             f.write(json.dumps(row) + "\n")
     return path

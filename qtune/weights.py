@@ -1,11 +1,12 @@
 """A base model's weights on disk, and which of them bitsandbytes quantizes: for the merge, the GGUF writer and the
-memory plan (one answer for all three, from transformers' own rules)."""
+memory plan (one answer for all three, from transformers' own rules); and a trained adapter to continue."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qtune.errors import EnvironmentProblem
+from qtune.errors import EnvironmentProblem, RecipeError, hub_failure
+from qtune.recipe import ModelSection
 
 
 def base_checkpoint(model_name: str, revision: str) -> Path:
@@ -109,3 +110,53 @@ def dequantize_saved(key: str, location: dict[str, Path], device):
     parts = {name.removeprefix(key + "."): read(name) for name in location if name.startswith(key + ".")}
     state = bnb.functional.QuantState.from_dict(parts, device)
     return bnb.functional.dequantize_4bit(read(key), state)
+
+
+def adapter_source(model: ModelSection) -> str | None:
+    """Where model.adapter's weights are (a local folder or a Hub id), checked against model.name from its
+    adapter_config.json before any weight loads: an adapter trained on another base loads without complaint when
+    the shapes agree, and trains on from nonsense."""
+    import json
+
+    if model.adapter is None:
+        return None
+    path = Path(model.adapter).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():  # a qtune run folder
+        path = path / "adapter"
+    if path.exists():
+        config_file = path / "adapter_config.json"
+        if not config_file.is_file():
+            raise EnvironmentProblem(
+                f"model.adapter has no adapter_config.json: {model.adapter}",
+                fix="give a qtune run folder, its adapter/ folder, or a Hub adapter repo",
+            )
+        if not (path / "adapter_model.safetensors").is_file():
+            raise EnvironmentProblem(
+                f"model.adapter has no adapter_model.safetensors: {path}", fix="qtune loads safetensors adapters only"
+            )
+        source, config = str(path), json.loads(config_file.read_text())
+    elif model.adapter.startswith((".", "/", "~")) or model.adapter.count("/") != 1:
+        raise EnvironmentProblem(f"model.adapter not found: {model.adapter}", fix="check the path (or give user/name)")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = hf_hub_download(model.adapter, "adapter_config.json")
+        except Exception as e:  # offline, missing, gated: huggingface_hub raises many types
+            raise hub_failure("reading adapter", model.adapter, e, fix="check model.adapter and your login") from None
+        source, config = model.adapter, json.loads(Path(config_file).read_text())
+    trained_on = config.get("base_model_name_or_path")
+    if trained_on and not same_model(trained_on, model.name):
+        raise RecipeError(
+            f"model.adapter {model.adapter} was trained on {trained_on}, and model.name is {model.name}",
+            fix=f"set model.name: {trained_on}, or start a new adapter (remove model.adapter)",
+        )
+    return source
+
+
+def same_model(a: str, b: str) -> bool:
+    """The same Hub id, or the same local folder however it is written."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

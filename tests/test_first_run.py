@@ -46,6 +46,19 @@ def test_a_training_run_prints_qtune_lines_and_no_library_noise(tmp_path, tiny_l
     assert any(line.startswith("done: 4 steps") and "tokens/s" in line for line in lines)
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_a_preference_run_prints_qtune_lines_and_no_library_noise(tmp_path, tiny_llama, method):
+    from qtune.tiny_models import write_demo_data
+
+    pairs = write_demo_data(tmp_path / "pairs.jsonl", count=40, preference=True)
+    raw = recipe_dict(tiny_llama, pairs, tmp_path / "run", fmt="preference", train={"max_steps": 2, "method": method})
+    done = qtune("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert [noise for noise in LIBRARY_NOISE if noise in output] == [], output[-3000:]
+    assert "reward accuracy" in done.stdout
+
+
 def test_generate_builds_the_alpaca_prompt_with_its_input_exactly_as_training_did(tmp_path, tiny_llama, alpaca_file):
     from qtune.chat import build_prompt
     from qtune.data import build

@@ -12,12 +12,23 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qtune"
 
 # Each module's layer; a module imports only from its own layer (without cycles) or below.
 LAYERS = {
-    0: ["errors", "gguf_support", "recipe", "fsutil", "testhooks", "plots", "library_noise", "cuda_setup"],
+    0: [
+        "errors",
+        "gguf_support",
+        "recipe_sections",
+        "recipe",
+        "fsutil",
+        "testhooks",
+        "plots",
+        "library_noise",
+        "cuda_setup",
+    ],
     1: [
         "run_dir",
         "rows",
         "weights",
         "data",
+        "preference",
         "model",
         "batching",
         "loss",
@@ -44,6 +55,7 @@ LAYERS = {
         "training.config",
         "training.callbacks",
         "training.trainer",
+        "training.preference",
         "training.resume",
         "training.report",
         "training.run",

@@ -250,6 +250,7 @@ MODEL_CONFIGS = REPO / "tests" / "model_configs"  # the shape fields of each mod
     "recipe_name, config_name, parameters",
     [
         ("llama-3.1-8b-instruct", "llama-3.1-8b", 8_030_261_248),
+        ("llama-3-8b-dpo", "llama-3.1-8b", 8_030_261_248),  # the same shape; the plan counts both sequences of a pair
         ("qwen2.5-7b-alpaca", "qwen2.5-7b", 7_615_616_512),
         ("gemma-2-9b-chat", "gemma-2-9b", 9_241_705_984),
         ("phi-4-mini-alpaca", "phi-4-mini", 3_836_021_760),

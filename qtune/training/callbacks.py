@@ -37,7 +37,13 @@ class LossProgress(ProgressCallback):
             return
         bar = self.training_bar
         if "eval_loss" in logs:
-            line = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
+            if "eval_rewards/accuracies" in logs:  # preference tuning: its loss is no language-model loss
+                line = (
+                    f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}, reward accuracy "
+                    f"{logs['eval_rewards/accuracies']:.2f}, margin {logs['eval_rewards/margins']:.4f}"
+                )
+            else:
+                line = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
             (bar.write if bar is not None else print)(line)
             return
         if "train_runtime" in logs:
@@ -45,6 +51,9 @@ class LossProgress(ProgressCallback):
         postfix = {}
         if "loss" in logs:
             postfix["loss"] = f"{logs['loss']:.4f}"
+        if "rewards/accuracies" in logs:
+            postfix["acc"] = f"{logs['rewards/accuracies']:.2f}"
+            postfix["margin"] = f"{logs['rewards/margins']:.3f}"
         if "learning_rate" in logs:
             postfix["lr"] = f"{logs['learning_rate']:.2e}"
         if "num_input_tokens_seen" in logs:

@@ -1,4 +1,4 @@
-"""From the recipe to trl's SFTConfig, and the two decisions the memory plan makes before the model loads:
+"""From the recipe to trl's SFTConfig (or DPOConfig for preference tuning), and the two decisions the memory plan makes before the model loads:
 whether to recompute activations (`gradient_checkpointing: auto`) and whether to warn of an out-of-memory."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from qtune.checkpoints import newest_valid
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError, RecipeError
@@ -19,7 +19,23 @@ from qtune.recipe import LogSection, Recipe, TrainSection
 from qtune.run_dir import CHECKPOINTS
 
 
-def build_sft_config(
+def preference_settings(recipe: Recipe) -> dict | None:
+    """DPOConfig's own fields for a dpo / orpo recipe (ORPO runs on the DPO trainer: qtune/training/preference.py),
+    None for sft."""
+    if recipe.train.method == "dpo":
+        section = recipe.dpo
+        return dict(
+            beta=section.beta,
+            loss_type=section.loss_types,
+            loss_weights=section.loss_weights,
+            label_smoothing=section.label_smoothing,
+        )
+    if recipe.train.method == "orpo":
+        return dict(beta=recipe.orpo.beta)
+    return None
+
+
+def build_trainer_config(
     train: TrainSection,
     log: LogSection,
     *,
@@ -29,13 +45,16 @@ def build_sft_config(
     max_length: int,
     use_cpu: bool,
     eval_before: bool = False,
+    preference: dict | None = None,
 ):
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    config_class = SFTConfig if preference is None else DPOConfig
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(train.extra) - known)
     if unknown:
+        name = config_class.__name__
         guess = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f"did you mean '{guess[0]}'?" if guess else "see trl's SFTConfig for the field names"
-        raise RecipeError(f"train.extra has unknown SFTConfig field '{unknown[0]}'", fix=hint)
+        hint = f"did you mean '{guess[0]}'?" if guess else f"see trl's {name} for the field names"
+        raise RecipeError(f"train.extra has unknown {name} field '{unknown[0]}'", fix=hint)
     eval_every = train.eval_steps if has_eval and train.eval_steps else None
     settings = dict(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -73,16 +92,21 @@ def build_sft_config(
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=max_length,
-        packing=False,
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
         dataloader_pin_memory=not use_cpu,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass per step
         prediction_loss_only=True,  # evaluation needs the loss only, not every batch's logits kept
         disable_tqdm=False,
     )
+    if preference is None:
+        settings["packing"] = False
+    else:
+        # the policy must score a sequence exactly as the reference does: no dropout (trl's default too); the pairs
+        # arrive tokenized and cut to max_length by qtune.preference
+        settings.update(preference, disable_dropout=True, remove_unused_columns=False)
     settings.update(train.extra)
     try:
-        return SFTConfig(**settings)
+        return config_class(**settings)
     except (ValueError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RecipeError(

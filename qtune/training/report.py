@@ -64,18 +64,28 @@ def final_evaluation(trainer) -> dict:
 
 
 def save_adapter(trainer, target: Path) -> None:
-    """Adapter + tokenizer, written aside and renamed into place so a crash never leaves half of one."""
+    """Adapter + tokenizer, written aside and renamed into place so a crash never leaves half of one. Only the trained
+    adapter: a DPO run that continued one also holds its frozen reference copy."""
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging, safe_serialization=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])
     trainer.processing_class.save_pretrained(staging)
     publish(staging, target)
 
 
-def plot_losses(history: list[dict], path: Path, *, eval_before: float | None = None) -> None:
+def plot_losses(history: list[dict], path: Path, *, before: dict | None = None) -> None:
+    """Train and eval loss by step; for preference tuning, the reward accuracy on a second axis."""
+    before = before or {}
+
+    def series(key: str, first: float | None) -> list[tuple[int, float]]:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if first is not None and not any(step == 0 for step, _ in points):
+            points.insert(0, (0, first))
+        return points
+
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(0, eval_before)] if eval_before is not None else []
-    evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    evals = series("eval_loss", before.get("eval_loss_before"))
+    accuracy = series(f"eval_{ACCURACY}", before.get(f"eval_{ACCURACY}_before"))
     with saved_figure(path) as axis:
         if train:
             axis.plot(*zip(*train), label="train loss")
@@ -83,17 +93,55 @@ def plot_losses(history: list[dict], path: Path, *, eval_before: float | None = 
             axis.plot(*zip(*evals), "o-", label="eval loss")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("loss")
-        axis.legend()
+        axis.legend(loc="upper left")
+        if accuracy:
+            right = axis.twinx()
+            right.plot(*zip(*accuracy), "s--", color="tab:green", label="eval reward accuracy")
+            right.set_ylim(-0.02, 1.02)
+            right.set_ylabel("reward accuracy")
+            right.legend(loc="upper right")
+
+
+ACCURACY = "rewards/accuracies"
+# trl's logged names -> metrics.json's
+PREFERENCE_METRICS = {
+    ACCURACY: "reward_accuracy",
+    "rewards/margins": "reward_margin",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+}
+
+
+def preference_metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
+    """Reward accuracy, margin, rewards and log-probs: on validation before training (step 0) and after, and on the
+    training batches of the last logged step."""
+    last_train = next((h for h in reversed(history) if ACCURACY in h and "loss" in h), {})
+    out = {}
+    for logged, name in PREFERENCE_METRICS.items():
+        out[f"eval_{name}_before"] = before.get(f"eval_{logged}_before")
+        out[f"eval_{name}"] = final_eval.get(f"eval_{logged}")
+        out[f"train_{name}"] = last_train.get(logged)
+    return out
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
     def fmt(value, spec=".4f"):
         return "n/a" if value is None else format(value, spec)
 
+    if metrics.get("method", "sft") == "sft":
+        quality = f"(perplexity {fmt(metrics['eval_perplexity'], '.2f')})"
+    else:
+        quality = (
+            f"({metrics['method']}); reward accuracy {fmt(metrics.get('eval_reward_accuracy_before'), '.2f')} -> "
+            f"{fmt(metrics.get('eval_reward_accuracy'), '.2f')}, margin {fmt(metrics.get('eval_reward_margin_before'))} "
+            f"-> {fmt(metrics.get('eval_reward_margin'))}"
+        )
     return (
         f"done: {metrics['global_step']} steps in {metrics['train_seconds']:.1f} s, "
         f"{fmt(metrics['tokens_per_second'], '.0f')} tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB\n"
         f"eval loss {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss'])} "
-        f"(perplexity {fmt(metrics['eval_perplexity'], '.2f')}); train loss {fmt(metrics['train_loss'])}\n"
+        f"{quality}; train loss {fmt(metrics['train_loss'])}\n"
         f"adapter: {run_dir / ADAPTER}   metrics: {run_dir / METRICS}   curve: {run_dir / LOSS_PLOT}"
     )

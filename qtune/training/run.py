@@ -23,6 +23,7 @@ from transformers import set_seed
 from qtune import data as data_stage
 from qtune import distributed, hub, testhooks
 from qtune import model as model_stage
+from qtune import preference as preference_data
 from qtune.checkpoints import MANIFEST
 from qtune.cpu_threads import FreeCoreThreads
 from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError, RecipeError
@@ -37,8 +38,9 @@ from qtune.training.callbacks import (
     close_progress_bars,
 )
 from qtune.training.config import (
-    build_sft_config,
+    build_trainer_config,
     out_of_memory,
+    preference_settings,
     resolve_memory_savers,
     warn_if_plan_predicts_oom,
 )
@@ -48,18 +50,20 @@ from qtune.training.report import (
     final_evaluation,
     peak_memory_bytes,
     plot_losses,
+    preference_metrics,
     save_adapter,
     summary,
 )
 from qtune.training.resume import checkpoint_to_resume, tokens_at_checkpoint
 from qtune.training.trainer import build_trainer
+from qtune.weights import adapter_source
 
 
 @dataclass
 class Prepared:
     """Everything `prepare` sets up for `fit`."""
 
-    trainer: object  # a QtuneSFTTrainer
+    trainer: object  # a QtuneSFTTrainer or QtunePreferenceTrainer
     data: data_stage.PreparedData  # the tokenized train / validation splits and their report
     checkpoint: Path | None  # the checkpoint a resume starts from
     use_cpu: bool
@@ -156,13 +160,18 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     problem = export_formats_problem(recipe.export.formats, model_config.to_dict())
     if problem:  # found now, not after hours of training
         raise RecipeError(problem, fix="change export.formats")
+    adapter = adapter_source(recipe.model)  # its base checked before any weight loads
     tokenizer = model_stage.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
         tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)
-    data = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
-    echo(data_stage.describe(data.report))
+    if recipe.preference:
+        data = preference_data.build_pairs(recipe.data, tokenizer, seed=recipe.train.seed)
+        echo(preference_data.describe_pairs(data.report))
+    else:
+        data = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
+        echo(data_stage.describe(data.report))
 
-    config = build_sft_config(
+    config = build_trainer_config(
         recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),
         recipe.log,
         run_dir=run_dir,
@@ -171,6 +180,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
         max_length=recipe.data.max_length,
         use_cpu=use_cpu,
         eval_before=data.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
+        preference=preference_settings(recipe),
     )
     if distributed.rank() == 0:
         write_text_atomically(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
@@ -186,12 +196,25 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     # The LoRA init draws from the global RNG: seed it here, or it depends on whatever ran before (under
     # torchrun the process-group setup does), and two launches of one recipe start from different adapters.
     set_seed(recipe.train.seed)
-    peft_model = model_stage.attach_lora(base, recipe.lora, gradient_checkpointing=checkpointing)
+    peft_model = model_stage.attach_lora(
+        base, recipe.lora, gradient_checkpointing=checkpointing, adapter=adapter, dropout=not recipe.preference
+    )
     load_seconds = time.perf_counter() - started
     trainable, total = peft_model.get_nb_trainable_parameters()
+    start = f"continues {adapter}: " if adapter else ""
     echo(
-        f"model: loaded in {load_seconds:.1f} s; LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+        f"model: loaded in {load_seconds:.1f} s; LoRA {start}trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
+    preference_options = {}
+    if recipe.preference:
+        from qtune.training.preference import QtunePreferenceTrainer, reference_description
+
+        echo(f"train: {recipe.train.method}, {reference_description(recipe.train.method, adapter)}")
+        preference_options = dict(
+            preference_trainer=QtunePreferenceTrainer,
+            method=recipe.train.method,
+            reference_is_adapter=adapter is not None,
+        )
 
     with env_defaults(WANDB_DIR=str(run_dir)):
         trainer = build_trainer(
@@ -206,6 +229,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
             recipe.train.keep_checkpoints,
             offload_activations=offload,
             max_nonfinite_steps=recipe.train.max_nonfinite_steps,
+            **preference_options,
         )
     if cpu_threads is not None:
         trainer.add_callback(FollowFreeCores(cpu_threads))
@@ -270,7 +294,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
             if trainer.args.eval_on_start and main_process:
                 first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
                 if first_eval is not None:  # kept, so a resumed run does not measure "before" again
-                    write_json_atomically(before_path, {"eval_loss_before": first_eval["eval_loss"]})
+                    before = {f"{k}_before": v for k, v in first_eval.items() if k.startswith("eval_")}
+                    write_json_atomically(before_path, before)
             if stop.signal_name is not None:
                 raise stopped(stop.signal_name, trainer, run_dir)
     finally:
@@ -286,7 +311,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
             # wandb keeps the settings of its first run (WANDB_DIR included) for the life of the process: a second
             # qtune.train() in the same notebook would write into the first run's folder.
             wandb.teardown()
-    eval_before = json.loads(before_path.read_text())["eval_loss_before"] if before_path.is_file() else None
+    before = json.loads(before_path.read_text()) if before_path.is_file() else {}
+    eval_before = before.get("eval_loss_before")
     runtime = result.metrics.get("train_runtime") or float("nan")
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - tokens_before
@@ -294,7 +320,11 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
         "train_loss": result.training_loss,
         "eval_loss_before": eval_before,
         "eval_loss": final_eval.get("eval_loss"),
-        "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        # a preference loss is no language-model loss: no perplexity
+        "eval_perplexity": math.exp(final_eval["eval_loss"])
+        if "eval_loss" in final_eval and not recipe.preference
+        else None,
+        "method": recipe.train.method,
         "global_step": trainer.state.global_step,
         "train_tokens": tokens,
         "train_seconds": runtime,
@@ -317,10 +347,12 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
         "data": data.report,
     }
     metrics["world_size"] = trainer.args.world_size
+    if recipe.preference:
+        metrics.update(preference_metrics(trainer.state.log_history, before, final_eval))
     testhooks.record_final_weights(trainer.model, run_dir, trainer.args.process_index)
     if main_process:
         save_adapter(trainer, run_dir / ADAPTER)
         write_json_atomically(run_dir / METRICS, metrics)
-        plot_losses(trainer.state.log_history, run_dir / LOSS_PLOT, eval_before=eval_before)
+        plot_losses(trainer.state.log_history, run_dir / LOSS_PLOT, before=before)
         echo(summary(metrics, run_dir))
     return metrics

@@ -1,5 +1,6 @@
-"""The Trainer qtune runs: trl's SFTTrainer with the supervised-only chunked loss, backward one packed row at a time,
-and checkpoints that count only once complete. trl and transformers own the loop."""
+"""The Trainers qtune runs: trl's SFTTrainer with the supervised-only chunked loss, backward one packed row at a time;
+for preference tuning trl's DPOTrainer (qtune/training/preference.py); both with checkpoints that count only once
+complete. trl and transformers own the loop."""
 
 from __future__ import annotations
 
@@ -25,13 +26,10 @@ from qtune.training.callbacks import CheckpointPusher, LossProgress, NonFiniteGu
 RESUME_AFTER_DISK_FULL = "free disk space (earlier checkpoints are intact) and resume with --resume"
 
 
-class QtuneSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss scores only the supervised positions (qtune/loss.py says why), that trains one packed row
-    at a time, and whose checkpoints count only once their manifest is written (qtune/checkpoints.py).
-
-    trl's own fused LM head scores every position, padding and prompts included, on devices without
-    Triton (the CPU), and recomputes each logits tile in the backward pass.
-    """
+class QtuneTrainerMixin:
+    """What every qtune trainer adds to trl's: injected faults for the tests, a trace of the micro-batches trained
+    on, NaN/inf counting, activation offloading, and checkpoints that count only once their manifest is written
+    (qtune/checkpoints.py). Put before the trl trainer in the bases."""
 
     def __init__(self, *args, keep_checkpoints: int = 3, offload_activations: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,38 +43,24 @@ class QtuneSFTTrainer(SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if testhooks.injected("oom", self.state.global_step + 1):
             raise torch.OutOfMemoryError("CUDA out of memory. (injected by QTUNE_INJECT)")
+        if self.step_trace is not None:
+            self.step_trace(self.state.global_step, inputs["input_ids"])
         offload = ActivationsToCPU() if self.offload_activations else contextlib.nullcontext()
         with offload:
-            loss = self.training_step_by_rows(model, inputs, num_items_in_batch)
+            loss = self.micro_batch_step(model, inputs, num_items_in_batch)
         bad = (~torch.isfinite(loss.detach())).to(torch.int32)
         self.nonfinite_micro_batches = (
             bad if self.nonfinite_micro_batches is None else self.nonfinite_micro_batches + bad
         )
         return loss
 
-    def training_step_by_rows(self, model, inputs, num_items_in_batch=None):
-        """One packed row at a time: the loss is a sum over tokens divided by a count fixed for the whole step,
-        so backward per row gives the gradient of the whole micro-batch, with one row's activations alive (at
-        most data.max_length tokens, whatever the micro-batch size). Under DDP only the last row syncs."""
-        if self.step_trace is not None:
-            self.step_trace(self.state.global_step, inputs["input_ids"])
-        rows = inputs["input_ids"].shape[0]
-        unwrapped = self.accelerator.unwrap_model(model)
-        if rows == 1 or num_items_in_batch is None or loss_stage.fused_head_weight(unwrapped) is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        total = None
-        for r in range(rows):
-            row = {key: value[r : r + 1] for key, value in inputs.items()}
-            sync = contextlib.nullcontext() if r == rows - 1 else self.accelerator.no_sync(model)
-            with sync, self.compute_loss_context_manager():
-                loss = self.compute_loss(model, row, num_items_in_batch=num_items_in_batch)
-                self.accelerator.backward(loss)
-            total = loss.detach() if total is None else total + loss.detach()
-        return total
+    def micro_batch_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def with_injected_nan(self, model, result, return_outputs: bool):
+        if model.training and testhooks.injected("nan", self.state.global_step + 1):
+            return (result[0] * float("nan"), result[1]) if return_outputs else result * float("nan")
+        return result
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's save, then the manifest that makes it count, then rotation (qtune/checkpoints.py)."""
@@ -98,11 +82,40 @@ class QtuneSFTTrainer(SFTTrainer):
         fault_point("optimizer", self.state.global_step)
         super()._save_optimizer_and_scheduler(output_dir)
 
+
+class QtuneSFTTrainer(QtuneTrainerMixin, SFTTrainer):
+    """SFTTrainer whose loss scores only the supervised positions (qtune/loss.py says why) and that trains one packed
+    row at a time.
+
+    trl's own fused LM head scores every position, padding and prompts included, on devices without
+    Triton (the CPU), and recomputes each logits tile in the backward pass.
+    """
+
+    def micro_batch_step(self, model, inputs, num_items_in_batch=None):
+        """One packed row at a time: the loss is a sum over tokens divided by a count fixed for the whole step,
+        so backward per row gives the gradient of the whole micro-batch, with one row's activations alive (at
+        most data.max_length tokens, whatever the micro-batch size). Under DDP only the last row syncs."""
+        rows = inputs["input_ids"].shape[0]
+        unwrapped = self.accelerator.unwrap_model(model)
+        if rows == 1 or num_items_in_batch is None or loss_stage.fused_head_weight(unwrapped) is None:
+            return super().micro_batch_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        total = None
+        for r in range(rows):
+            row = {key: value[r : r + 1] for key, value in inputs.items()}
+            sync = contextlib.nullcontext() if r == rows - 1 else self.accelerator.no_sync(model)
+            with sync, self.compute_loss_context_manager():
+                loss = self.compute_loss(model, row, num_items_in_batch=num_items_in_batch)
+                self.accelerator.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = self.supervised_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training and testhooks.injected("nan", self.state.global_step + 1):
-            result = (result[0] * float("nan"), result[1]) if return_outputs else result * float("nan")
-        return result
+        return self.with_injected_nan(model, result, return_outputs)
 
     def supervised_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
@@ -144,17 +157,25 @@ def build_trainer(
     *,
     offload_activations: bool = False,
     max_nonfinite_steps: int = 3,
-) -> QtuneSFTTrainer:
-    trainer = QtuneSFTTrainer(
+    preference_trainer: type | None = None,
+    **preference_options,
+) -> QtuneTrainerMixin:
+    """The SFT trainer, or `preference_trainer` (qtune.training.preference) with its options, and what qtune adds to
+    either: fp32 LoRA weights, the progress line, the NaN guard, the trace, the trackers."""
+    common = dict(
         model=peft_model,
         args=config,
         train_dataset=data.train,
         eval_dataset=data.val,
         processing_class=tokenizer,
-        data_collator=PackedCollator(tokenizer.pad_token_id, row_tokens=max_length),
         keep_checkpoints=keep_checkpoints,
         offload_activations=offload_activations,
     )
+    if preference_trainer is None:
+        collator = PackedCollator(tokenizer.pad_token_id, row_tokens=max_length)
+        trainer = QtuneSFTTrainer(data_collator=collator, **common)
+    else:  # trl's preference collator: chosen and rejected of each pair, in one padded batch
+        trainer = preference_trainer(**common, **preference_options)
     model_stage.keep_trainable_in_fp32(trainer.model)
     if config.bf16 or config.fp16:  # the Trainer runs every forward pass under autocast
         lora_inputs_stay_in_compute_dtype(trainer.model)

@@ -463,3 +463,31 @@ def test_a_hub_adapter_that_cannot_be_read_is_one_line_before_anything_loads(tmp
     code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))  # HF_HUB_OFFLINE=1 in the tests
     assert code == 4 and err.startswith("qtune: error:") and "someone/dpo-adapter" in err, err
     assert err.strip().count("\n") == 0 and "model: loading" not in out and not (tmp_path / "run").exists()
+
+
+def test_dpo_under_ddp_matches_one_process(tmp_path, pretrained_llama, pairs_file):
+    """torchrun, 2 ranks x 2 pairs (trained pair by pair, the first without a gradient sync) against 1 process x 2
+    pairs x 2 accumulation: the same losses, gradient norms and adapter on both ranks."""
+    import sys
+
+    from test_distributed import run_qtune, step_losses
+
+    raw = preference_recipe(
+        pretrained_llama, pairs_file, tmp_path / "ddp", train={"micro_batch_size": 2, "max_steps": 3, "save_steps": 3}
+    )
+    recipe = write_recipe(tmp_path / "ddp.yaml", raw)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    result = run_qtune(["-m", "qtune", "train", str(recipe)], launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    overrides = ["--set", f"train.output_dir={tmp_path / 'single'}", "--set", "train.grad_accum=2"]
+    single = run_qtune([sys.executable, "-m", "qtune", "train", str(recipe), *overrides])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp, one = tmp_path / "ddp", tmp_path / "single"
+    assert json.loads((ddp / "metrics.json").read_text())["world_size"] == 2
+    fingerprints = [json.loads((ddp / "sample_trace" / f"final-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    ddp_losses, one_losses = step_losses(ddp, 3), step_losses(one, 3)
+    assert len(ddp_losses) == 3
+    for (step, loss, norm), (_, loss_one, norm_one) in zip(ddp_losses, one_losses):
+        assert loss == pytest.approx(loss_one, rel=1e-4), step
+        assert norm == pytest.approx(norm_one, rel=1e-4), step

@@ -138,13 +138,25 @@ def adapter_source(model: ModelSection) -> str | None:
     elif model.adapter.startswith((".", "/", "~")) or model.adapter.count("/") != 1:
         raise EnvironmentProblem(f"model.adapter not found: {model.adapter}", fix="check the path (or give user/name)")
     else:
-        from huggingface_hub import hf_hub_download
+        import os
 
-        try:
-            config_file = hf_hub_download(model.adapter, "adapter_config.json")
+        from huggingface_hub import snapshot_download
+
+        try:  # the adapter's two files only (a few MB); the endpoint as set now, not when the library was imported
+            folder = snapshot_download(
+                model.adapter,
+                allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+            )
         except Exception as e:  # offline, missing, gated: huggingface_hub raises many types
             raise hub_failure("reading adapter", model.adapter, e, fix="check model.adapter and your login") from None
-        source, config = model.adapter, json.loads(Path(config_file).read_text())
+        config_file = Path(folder) / "adapter_config.json"
+        if not config_file.is_file() or not (Path(folder) / "adapter_model.safetensors").is_file():
+            raise EnvironmentProblem(
+                f"the Hub repo {model.adapter} has no adapter_config.json and adapter_model.safetensors",
+                fix="give a repo holding a LoRA adapter in safetensors",
+            )
+        source, config = folder, json.loads(config_file.read_text())
     trained_on = config.get("base_model_name_or_path")
     if trained_on and not same_model(trained_on, model.name):
         raise RecipeError(

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from conftest import recipe_dict, write_jsonl, write_recipe
+from test_hub import hub  # noqa: F401  (the local stand-in of the Hub, a fixture)
 
 from qtune.errors import DataError, RecipeError
 from qtune.recipe import DataSection, validate_recipe
@@ -491,3 +492,34 @@ def test_dpo_under_ddp_matches_one_process(tmp_path, pretrained_llama, pairs_fil
     for (step, loss, norm), (_, loss_one, norm_one) in zip(ddp_losses, one_losses):
         assert loss == pytest.approx(loss_one, rel=1e-4), step
         assert norm == pytest.approx(norm_one, rel=1e-4), step
+
+
+def test_dpo_continues_an_adapter_from_the_hub_and_pushes_its_card(hub, llama_run, tmp_path, pairs_file, run_cli):  # noqa: F811
+    """model.adapter as a Hub repo (a local stand-in of the Hub): its base checked from adapter_config.json, its
+    weights as the start and the reference; then the DPO run pushed, its card saying what it is."""
+    from test_hub import assert_canary_absent
+
+    code, _, err = run_cli("push", llama_run, "--repo", "someone/tiny-sft", "--what", "adapter")
+    assert code == 0, err
+    base = open_recipe(llama_run)["model"]["name"]
+    raw = preference_recipe(
+        base,
+        pairs_file,
+        tmp_path / "run",
+        model={"name": base, "adapter": "someone/tiny-sft"},
+        train={"max_steps": 2, "eval_steps": 2, "save_steps": 2},
+    )
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    assert "LoRA continues someone/tiny-sft" in out and "reference: the loaded adapter someone/tiny-sft" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_reward_chosen_before"] == 0.0 and metrics["eval_reward_rejected_before"] == 0.0
+    code, _, err = run_cli("push", tmp_path / "run", "--repo", "someone/tiny-dpo", "--what", "adapter")
+    assert code == 0, err
+    card = hub.repos["someone/tiny-dpo"]["files"]["README.md"].decode()
+    assert (
+        "DPO on preference pairs (beta 0.1, loss sigmoid); reference: that adapter; continues the adapter someone/tiny-sft"
+        in card
+    )
+    assert "validation reward accuracy before -> after | 0.000 ->" in card
+    assert_canary_absent(hub, [tmp_path / "run"])

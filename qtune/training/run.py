@@ -201,7 +201,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     )
     load_seconds = time.perf_counter() - started
     trainable, total = peft_model.get_nb_trainable_parameters()
-    start = f"continues {adapter}: " if adapter else ""
+    start = f"continues {recipe.model.adapter}: " if adapter else ""
     echo(
         f"model: loaded in {load_seconds:.1f} s; LoRA {start}trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
@@ -209,7 +209,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     if recipe.preference:
         from qtune.training.preference import QtunePreferenceTrainer, reference_description
 
-        echo(f"train: {recipe.train.method}, {reference_description(recipe.train.method, adapter)}")
+        echo(f"train: {recipe.train.method}, {reference_description(recipe.train.method, recipe.model.adapter)}")
         preference_options = dict(
             preference_trainer=QtunePreferenceTrainer,
             method=recipe.train.method,

@@ -411,6 +411,9 @@ def test_a_preference_run_exports_and_its_card_says_the_method_and_data(preferen
     assert "- dpo" in card  # a tag
     model, tokenizer, style = load_for_generation(run)
     assert style == "alpaca"  # its prompts were alpaca prompts, so chat writes them so too
+    # (this DPO-only run answers with EOS at once: it learned the preference, not to say more; see the README's demo)
+    code, out, err = run_cli("generate", run, "--prompt", "Name a word.", "--input", "river", "--max-new-tokens", "4")
+    assert code == 0, err
     # qtune eval scores the chosen answers: DPO made them likelier than the base does
     code, out, err = run_cli("eval", run)
     assert code == 0, err

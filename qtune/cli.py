@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--format", dest="data_format", help="format of --data (default: the recipe's first)")
     evaluation.add_argument("--samples", type=int, help="at most this many samples (default: all of them)")
 
+    commands.add_parser("report", help="rebuild a run's report.html and print its path").add_argument("run_dir")
     report = commands.add_parser("quantize-report", help="every precision of one model: memory, load time, perplexity")
     report.add_argument("model", help="a local model folder")
     report.add_argument("--data", required=True, help="data file to measure perplexity on")
@@ -156,11 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="full-precision language-model steps on generated text, so the base is not random (0: skip)",
     )
     tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
-    tiny.add_argument(
-        "--preference-data",
-        metavar="FILE",
-        help="also write preference pairs on the demo's tasks (right answer chosen, a wrong one rejected) for DPO / ORPO",
-    )
+    tiny.add_argument("--preference-data", metavar="FILE", help="also write DPO / ORPO pairs on the demo's tasks")
     return parser
 
 
@@ -276,6 +273,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from qtune.report_page import build_report
+    from qtune.run_dir import open_run
+
+    print(build_report(open_run(args.run_dir).run_dir))
+    return 0
+
+
 def cmd_quantize_report(args) -> int:
     quiet_library_noise()
     from qtune.evaluate import quantize_report
@@ -349,6 +354,7 @@ COMMANDS = {
     "memory": cmd_memory,
     "plan": cmd_plan,
     "eval": cmd_eval,
+    "report": cmd_report,
     "quantize-report": cmd_quantize_report,
     "generate": cmd_generate,
     "chat": cmd_chat,

@@ -280,6 +280,7 @@ def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
         "truncated": sum(s["truncated"] for s in sources),
         "dropped": sum(s["dropped"] for s in sources),
         "max_length": data.max_length,
+        "length_histogram": length_histogram(list(map(len, train.input_ids)), data.max_length),
     }
     return PreparedData(train.to_dataset(), val.to_dataset() if val is not None else None, report)
 
@@ -301,6 +302,16 @@ def splits(data: DataSection, tokenize_specs: Callable, split_off: Callable, not
     else:
         val = None
     return train, val, sources, val_sources
+
+
+def length_histogram(lengths: list[int], max_length: int, bins: int = 16) -> dict:
+    """Sample lengths counted in `bins` equal bins from 0 to max_length (for the report page)."""
+    width = max(1, -(-max_length // bins))
+    edges = list(range(0, width * bins + 1, width))
+    counts = [0] * bins
+    for length in lengths:
+        counts[min(length // width, bins - 1)] += 1
+    return {"edges": edges, "counts": counts}
 
 
 def held_out(count: int, val_size: float, seed: int, what: str = "sample") -> set[int]:

@@ -26,6 +26,7 @@ from qtune.model import (
 )
 from qtune.plots import saved_figure
 from qtune.recipe import DataSection
+from qtune.report_page import build_report
 from qtune.run_dir import ARTIFACTS, EVAL_REPORT, MERGED_FORMATS, TrainedRun, open_run
 
 # --------------------------------------------------------------------------- the samples and the artifacts
@@ -210,6 +211,7 @@ def eval_run(
         )
     report = {"samples": len(chosen), "data": data or "validation split", "models": table}
     write_json_atomically(trained.run_dir / EVAL_REPORT, report)
+    echo(f"run page updated: {build_report(trained.run_dir)}")
     return report
 
 

@@ -16,7 +16,17 @@ from pathlib import Path
 from qtune.errors import EXIT_ENVIRONMENT, QtuneError, hub_failure
 from qtune.metrics import format_table
 from qtune.recipe import PUSH_TARGETS
-from qtune.run_dir import ADAPTER, ARTIFACTS, CHECKPOINTS, EVAL_BEFORE, EXPORT, EXPORT_REPORT, RECIPE_FILE, open_run
+from qtune.run_dir import (
+    ADAPTER,
+    ARTIFACTS,
+    CHECKPOINTS,
+    EVAL_BEFORE,
+    EXPORT,
+    EXPORT_REPORT,
+    RECIPE_FILE,
+    REPORT_PAGE,
+    open_run,
+)
 
 CHECKPOINT_PREFIX = "checkpoints"
 
@@ -82,6 +92,8 @@ def files_to_push(run_dir: Path, what: list[str]) -> dict[str, Path]:
             if not files:
                 raise missing_export(item, "gguf_q8_0")
             chosen.update({f.name: f for f in files})
+    if (run_dir / REPORT_PAGE).is_file():  # the run's page goes with whatever is pushed
+        chosen[REPORT_PAGE] = run_dir / REPORT_PAGE
     return chosen
 
 
@@ -151,6 +163,14 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, s
         "",
         f"QLoRA fine-tune of [{recipe.model.name}](https://huggingface.co/{recipe.model.name}) made with qtune.",
         "",
+    ]
+    if (run_dir / REPORT_PAGE).is_file():
+        lines += [
+            f"The run's page, [{REPORT_PAGE}]({REPORT_PAGE}) (one offline HTML file): the recipe, the data, the loss "
+            "curves, answers before and after fine-tuning, and what each export saved and cost.",
+            "",
+        ]
+    lines += [
         "## Training",
         "",
         "| setting | value |",

@@ -13,7 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qtune.data import ALPACA_NO_INPUT, SHAREGPT_ROLES, PreparedData, check_messages, held_out, renderer, splits
+from qtune.data import (
+    ALPACA_NO_INPUT,
+    SHAREGPT_ROLES,
+    PreparedData,
+    check_messages,
+    held_out,
+    length_histogram,
+    renderer,
+    splits,
+)
 from qtune.errors import DataError, RecipeError
 from qtune.recipe import DataSection, DatasetSpec
 from qtune.rows import place_of, read_rows
@@ -221,6 +230,7 @@ def build_pairs(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
         "identical": sum(s["identical"] for s in sources),
         "no_room": sum(s["no_room"] for s in sources),
         "max_length": data.max_length,
+        "length_histogram": length_histogram(lengths, data.max_length),
         # how `qtune chat` writes its prompts (a mix of styles: the chat template, if there is one)
         "prompt_style": styles.pop() if len(styles) == 1 else "chat",
     }

@@ -36,6 +36,9 @@ LOSS_PLOT = "loss.png"
 EVAL_REPORT = "eval_report.json"
 EXPORT = "export"
 EXPORT_REPORT = "export_report.json"
+HISTORY = "history.json"  # the Trainer's log history: every logged loss, learning rate and evaluation
+GENERATIONS = "generations.json"  # a few validation prompts answered by the base and the fine-tuned model
+REPORT_PAGE = "report.html"
 SAMPLE_TRACE = "sample_trace"
 
 # Export formats and the name each artifact gets in the export folder (one GGUF file per quantization): the one
@@ -90,6 +93,9 @@ RUN_ENTRIES = frozenset(
         LOSS_PLOT,
         EVAL_REPORT,
         EXPORT,
+        HISTORY,
+        GENERATIONS,
+        REPORT_PAGE,
         SAMPLE_TRACE,
         "tensorboard",
         "wandb",

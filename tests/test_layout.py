@@ -42,7 +42,7 @@ LAYERS = {
         "memory",
     ],
     2: ["plan", "hub"],
-    3: ["evaluate", "chat"],
+    3: ["report_page", "evaluate", "chat"],
     4: [
         "export.gguf",
         "export.gguf_family",

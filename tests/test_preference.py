@@ -414,6 +414,8 @@ def test_a_preference_run_exports_and_its_card_says_the_method_and_data(preferen
     # (this DPO-only run answers with EOS at once: it learned the preference, not to say more; see the README's demo)
     code, out, err = run_cli("generate", run, "--prompt", "Name a word.", "--input", "river", "--max-new-tokens", "4")
     assert code == 0, err
+    page = (run / "report.html").read_text()  # the run's page shows the reward accuracy and the export
+    assert "Validation reward accuracy" in page and ">gguf_q8_0</td>" in page
     # qtune eval scores the chosen answers: DPO made them likelier than the base does
     code, out, err = run_cli("eval", run)
     assert code == 0, err

@@ -21,6 +21,7 @@ from qtune.export.nf4 import write_nf4
 from qtune.fsutil import disk_full, is_disk_full, publish, remove, staging_dir_for, write_json_atomically
 from qtune.memory import inventory, load_config
 from qtune.recipe import EXPORT_FORMATS, MERGE_BASES, export_formats_problem
+from qtune.report_page import build_report
 from qtune.run_dir import (
     ARTIFACTS,
     EXPORT_ENTRIES,
@@ -165,6 +166,8 @@ def export(
         rejected = fidelity_gate(report, written)
         write_json_atomically(out / EXPORT_REPORT, report)
     echo(f"export: report written to {out / EXPORT_REPORT}")
+    if out.resolve() == trained.export_dir.resolve():  # the run's own exports: its page shows them
+        echo(f"export: run page updated: {build_report(trained.run_dir)}")
     if rejected:
         raise QtuneError(
             "fidelity gate: " + "; ".join(rejected),

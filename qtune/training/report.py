@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from qtune.fsutil import publish
+from qtune.fsutil import publish, write_json_atomically
 from qtune.plots import saved_figure
 from qtune.run_dir import ADAPTER, LOSS_PLOT, METRICS
 
@@ -145,3 +145,36 @@ def summary(metrics: dict, run_dir: Path) -> str:
         f"{quality}; train loss {fmt(metrics['train_loss'])}\n"
         f"adapter: {run_dir / ADAPTER}   metrics: {run_dir / METRICS}   curve: {run_dir / LOSS_PLOT}"
     )
+
+
+def write_generations(trainer, data, path: Path, *, count: int = 3, max_new_tokens: int = 32) -> None:
+    """A few validation prompts answered greedily by the 4-bit base (adapter off) and by the fine-tuned model, beside
+    the reference answer: what the report page shows as "before and after"."""
+    from qtune.chat import generate
+    from qtune.preference import chosen_as_samples
+
+    split = data.val if data.val is not None else data.train
+    if "chosen_ids" in split.column_names:
+        split = chosen_as_samples(split)
+    model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
+    model.eval()  # no dropout: greedy answers that the same run always gives
+    samples = []
+    for row in split.select(range(min(count, len(split)))):
+        ids, labels = row["input_ids"], row["labels"]
+        first = next((i for i, label in enumerate(labels) if label != -100), len(ids))
+        if first == 0:  # text rows are supervised throughout: their first half is the prompt
+            first = len(ids) // 2
+        prompt = ids[:first]
+        reference = tokenizer.decode([t for t in labels[first:] if t != -100], skip_special_tokens=True).strip()
+        tuned = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        with model.disable_adapter():
+            base = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        samples.append(
+            {
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                "base": base.text,
+                "fine_tuned": tuned.text,
+                "reference": reference,
+            }
+        )
+    write_json_atomically(path, {"max_new_tokens": max_new_tokens, "greedy": True, "samples": samples})

@@ -29,7 +29,8 @@ from qtune.cpu_threads import FreeCoreThreads
 from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError, RecipeError
 from qtune.fsutil import write_json_atomically, write_text_atomically
 from qtune.recipe import Recipe, export_formats_problem, recipe_to_yaml
-from qtune.run_dir import ADAPTER, EVAL_BEFORE, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
+from qtune.report_page import build_report
+from qtune.run_dir import ADAPTER, EVAL_BEFORE, GENERATIONS, HISTORY, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
 from qtune.training.callbacks import (
     FollowFreeCores,
     GracefulStop,
@@ -53,6 +54,7 @@ from qtune.training.report import (
     preference_metrics,
     save_adapter,
     summary,
+    write_generations,
 )
 from qtune.training.resume import checkpoint_to_resume, tokens_at_checkpoint
 from qtune.training.trainer import build_trainer
@@ -353,6 +355,9 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
     if main_process:
         save_adapter(trainer, run_dir / ADAPTER)
         write_json_atomically(run_dir / METRICS, metrics)
+        write_json_atomically(run_dir / HISTORY, trainer.state.log_history)
         plot_losses(trainer.state.log_history, run_dir / LOSS_PLOT, before=before)
-        echo(summary(metrics, run_dir))
+        write_generations(trainer, data, run_dir / GENERATIONS)
+        page = build_report(run_dir)
+        echo(summary(metrics, run_dir) + f"   report: {page}")
     return metrics

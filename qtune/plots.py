@@ -22,3 +22,13 @@ def saved_figure(path: Path, size: tuple[float, float] = (7, 4)):
         figure.savefig(path, dpi=100)
     finally:
         plt.close(figure)
+
+
+def draw_losses(axis, train: list[tuple], evals: list[tuple]) -> None:
+    """Train loss per logged step and eval loss per evaluation, on one axis (loss.png and the report page)."""
+    if train:
+        axis.plot(*zip(*train), label="train loss")
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from qtune.fsutil import write_text_atomically
+from qtune.plots import draw_losses
 from qtune.recipe import Recipe, validate_recipe
 from qtune.run_dir import (
     CHECKPOINTS,
@@ -220,13 +221,7 @@ def planned_bytes(recipe: Recipe, metrics: dict) -> int | None:
 
 def loss_chart(ax, history: list[dict]) -> None:
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    draw_losses(ax, train, [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h])
     ax.legend()
 
 

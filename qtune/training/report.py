@@ -10,7 +10,7 @@ import psutil
 import torch
 
 from qtune.fsutil import publish, write_json_atomically
-from qtune.plots import saved_figure
+from qtune.plots import draw_losses, saved_figure
 from qtune.run_dir import ADAPTER, LOSS_PLOT, METRICS
 
 
@@ -87,12 +87,7 @@ def plot_losses(history: list[dict], path: Path, *, before: dict | None = None) 
     evals = series("eval_loss", before.get("eval_loss_before"))
     accuracy = series(f"eval_{ACCURACY}", before.get(f"eval_{ACCURACY}_before"))
     with saved_figure(path) as axis:
-        if train:
-            axis.plot(*zip(*train), label="train loss")
-        if evals:
-            axis.plot(*zip(*evals), "o-", label="eval loss")
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel("loss")
+        draw_losses(axis, train, evals)
         axis.legend(loc="upper left")
         if accuracy:
             right = axis.twinx()

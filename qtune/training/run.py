@@ -357,7 +357,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
         write_json_atomically(run_dir / METRICS, metrics)
         write_json_atomically(run_dir / HISTORY, trainer.state.log_history)
         plot_losses(trainer.state.log_history, run_dir / LOSS_PLOT, before=before)
-        write_generations(trainer, data, run_dir / GENERATIONS)
+        if not model_stage.under_fsdp():  # a sharded model answers only with every rank taking part
+            write_generations(trainer, data, run_dir / GENERATIONS)
         page = build_report(run_dir)
         echo(summary(metrics, run_dir) + f"   report: {page}")
     return metrics

@@ -85,25 +85,45 @@ def build_prompt(tokenizer, style: str, messages: list[dict], *, alpaca_input: s
 
 
 def generate(model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0) -> Reply:
+    return generate_batch(model, tokenizer, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+
+
+def generate_batch(
+    model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0
+) -> list[Reply]:
+    """Several prompts in one generate call, left-padded (the report page's answers before and after)."""
     import torch
 
     stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(map(len, prompts))
     device = next(model.parameters()).device
-    inputs = torch.tensor([prompt_ids], device=device)
+    inputs = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
             input_ids=inputs,
-            attention_mask=torch.ones_like(inputs),
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id or stops[0],
+            pad_token_id=pad,
             **sampling,
         )
-    new = output[0, len(prompt_ids) :].tolist()
-    finished = bool(new) and new[-1] in stops
-    text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=True)
-    return Reply(text=text.strip(), finish_reason="stop" if finished else "length", new_tokens=len(new))
+    replies = []
+    for new in output[:, width:].tolist():
+        # a row that stopped early is padded to the longest: it ends at its first stop token
+        end = next((i for i, token in enumerate(new) if token in stops), None)
+        finished = end is not None
+        text = tokenizer.decode(new[:end] if finished else new, skip_special_tokens=True)
+        replies.append(
+            Reply(
+                text=text.strip(),
+                finish_reason="stop" if finished else "length",
+                new_tokens=end + 1 if finished else len(new),
+            )
+        )
+    return replies
 
 
 def chat_loop(

@@ -49,12 +49,9 @@ def fidelity_samples(
             chat_template=section.chat_template,
             train_on_inputs=section.train_on_inputs,
         )
-    if section.datasets[0].format == "preference":  # a preference run is compared on its prompts and chosen answers
-        prepared = preference.build_pairs(section, tokenizer, seed=trained.recipe.train.seed)
-    else:
-        prepared = data_stage.build(section, tokenizer, seed=trained.recipe.train.seed)
+    prepared = preference.build_data(section, tokenizer, seed=trained.recipe.train.seed)
     dataset = prepared.val if prepared.val is not None and not eval_data else prepared.train
-    if "chosen_ids" in dataset.column_names:
+    if "chosen_ids" in dataset.column_names:  # a preference run is compared on its prompts and chosen answers
         dataset = preference.chosen_as_samples(dataset)
     return metrics.samples_from(dataset, limit, max_tokens)
 

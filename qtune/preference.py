@@ -17,7 +17,9 @@ from qtune.data import (
     ALPACA_NO_INPUT,
     SHAREGPT_ROLES,
     PreparedData,
+    build,
     check_messages,
+    describe,
     held_out,
     length_histogram,
     renderer,
@@ -276,3 +278,14 @@ def describe_pairs(report: dict) -> str:
             "leaves no room for an answer"
         )
     return "\n".join(lines)
+
+
+def build_data(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
+    """Preference pairs or SFT samples, as the datasets' format says (the recipe allows no mix of the two)."""
+    if data.datasets[0].format == "preference":
+        return build_pairs(data, tokenizer, seed=seed)
+    return build(data, tokenizer, seed=seed)
+
+
+def describe_data(report: dict) -> str:
+    return describe_pairs(report) if "no_room" in report else describe(report)

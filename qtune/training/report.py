@@ -146,6 +146,7 @@ def write_generations(trainer, data, path: Path, *, count: int = 3, max_new_toke
     """A few validation prompts answered greedily by the 4-bit base (adapter off) and by the fine-tuned model, beside
     the reference answer: what the report page shows as "before and after". The prompts go as one left-padded batch
     per model, two generate calls in all."""
+    from qtune.chat import generate_batch
     from qtune.preference import chosen_as_samples
 
     split = data.val if data.val is not None else data.train
@@ -161,38 +162,16 @@ def write_generations(trainer, data, path: Path, *, count: int = 3, max_new_toke
             first = len(ids) // 2
         prompts.append(ids[:first])
         references.append(tokenizer.decode([t for t in labels[first:] if t != -100], skip_special_tokens=True).strip())
-    tuned = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+    tuned = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
     with model.disable_adapter():
-        base = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+        base = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
     samples = [
-        {"prompt": tokenizer.decode(prompt, skip_special_tokens=True), "base": b, "fine_tuned": t, "reference": r}
+        {
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "base": b.text,
+            "fine_tuned": t.text,
+            "reference": r,
+        }
         for prompt, b, t, r in zip(prompts, base, tuned, references)
     ]
     write_json_atomically(path, {"max_new_tokens": max_new_tokens, "greedy": True, "samples": samples})
-
-
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    from qtune.chat import stop_token_ids
-
-    if not prompts:
-        return []
-    stops = stop_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    width = max(map(len, prompts))
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=pad,
-            do_sample=False,
-        )
-    answers = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), len(row))
-        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-    return answers

@@ -166,12 +166,8 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
     tokenizer = model_stage.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
         tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)
-    if recipe.preference:
-        data = preference_data.build_pairs(recipe.data, tokenizer, seed=recipe.train.seed)
-        echo(preference_data.describe_pairs(data.report))
-    else:
-        data = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
-        echo(data_stage.describe(data.report))
+    data = preference_data.build_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    echo(preference_data.describe_data(data.report))
 
     config = build_trainer_config(
         recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),

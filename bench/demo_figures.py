@@ -75,6 +75,8 @@ def main() -> None:
         work / "runs/demo-data.jsonl",
         "--preference-data",
         work / "runs/demo-preference.jsonl",
+        "--demo-task",
+        work / "runs/demo-task",
         cwd=work,
     )
     (work / "recipes").mkdir(exist_ok=True)
@@ -99,6 +101,8 @@ def main() -> None:
     export_args = [x for f in EXPORT_FORMATS for x in ("--format", f)]
     figures["export_s"], export_log = qtune("export", "runs/demo", *export_args, cwd=work)
     figures["export"] = json.loads((work / "runs/demo/export/export_report.json").read_text())
+    figures["tasks_s"], tasks_log = qtune("eval", "runs/demo", "--tasks", "runs/demo-task/demo_choice.yaml", cwd=work)
+    figures["tasks"] = json.loads((work / "runs/demo/eval_report.json").read_text())["tasks"]
     recipe = yaml.safe_load((work / "recipes/demo.yaml").read_text())
     sys.path.insert(0, str(REPO))
     from qtune.tiny_models import demo_rows
@@ -128,6 +132,21 @@ def main() -> None:
         f" -> adapter {models['adapter']['loss']:.2f} |"
     )
     print(f"| `qtune export` ({', '.join(EXPORT_FORMATS)}) | {figures['export_s']:.0f} s |")
+    tasks = figures["tasks"]
+    print(
+        f"| `qtune eval runs/demo --tasks runs/demo-task/demo_choice.yaml` ({len(tasks['artifacts'])} models, "
+        f"{tasks['requests']['demo_choice']['requests']:,} requests each) | {figures['tasks_s']:.0f} s |"
+    )
+    print("\n| model | demo_choice acc | ± stderr | vs adapter | seconds |\n| --- | --- | --- | --- | --- |")
+    adapter = tasks["artifacts"]["adapter"]["scores"]["demo_choice"]["acc"]["value"]
+    for name, entry in tasks["artifacts"].items():
+        if "skipped" in entry:
+            print(f"| {name} | skipped: {entry['skipped']} | | | |")
+            continue
+        acc = entry["scores"]["demo_choice"]["acc"]
+        diff = "" if name == "adapter" else f"{acc['value'] - adapter:+.4f}"
+        print(f"| {name} | {acc['value']:.4f} | {acc['stderr']:.4f} | {diff} | {entry['seconds']:.1f} |")
+    print()
     for task, share in figures["exact_match"]["per_task"].items():
         print(
             f"| exact answers to fresh rows, '{task}' ({figures['exact_match']['counts'][task]} rows) | {100 * share:.0f}% |"

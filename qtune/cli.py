@@ -2,163 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from qtune import distributed
+from qtune.cli_parser import build_parser
 from qtune.cuda_setup import use_expandable_segments
 from qtune.errors import EXIT_PIPE_CLOSED, EXIT_RECIPE, QtuneError
 from qtune.library_noise import quiet_library_noise
-from qtune.recipe import EXPORT_FORMATS, MERGE_BASES, PUSH_TARGETS
 from qtune.run_dir import check_run_folder
-from qtune.tiny_models import FAMILIES
-
-USAGE_EXAMPLES = """examples:
-  qtune validate recipes/demo.yaml
-  qtune train recipes/demo.yaml --set train.max_steps=50
-  qtune train recipes/llama-7b-alpaca.yaml --resume
-"""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # usage mistakes go through the same one-line path as the rest
-        raise QtuneError(message, fix=f"see '{self.prog} --help'", code=EXIT_RECIPE)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="qtune",
-        description="QLoRA fine-tuning from a recipe.",
-        epilog=USAGE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-
-    validate = commands.add_parser("validate", help="check a recipe (fast, loads nothing)")
-    validate.add_argument("recipe")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-
-    train = commands.add_parser("train", help="fine-tune with QLoRA")
-    train.add_argument("recipe")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)",
-    )
-    train.add_argument(
-        "--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir"
-    )
-    train.add_argument(
-        "--force",
-        action="store_true",
-        help="with --resume: accept a recipe whose training settings differ from the run's recipe.yaml",
-    )
-    train.add_argument("--overwrite", action="store_true", help="delete an existing train.output_dir and start over")
-
-    export = commands.add_parser("export", help="merged fp16/bf16, re-quantized NF4 and GGUF files, each measured")
-    export.add_argument("run_dir")
-    export.add_argument(
-        "--format",
-        dest="formats",
-        action="append",
-        default=[],
-        metavar="FORMAT",
-        help=f"{', '.join(EXPORT_FORMATS)} (repeatable)",
-    )
-    export.add_argument("--out", help="output folder (default: RUN_DIR/export)")
-    export.add_argument(
-        "--merge-base",
-        choices=MERGE_BASES,
-        default="dequantized",
-        help="merge into the dequantized NF4 weights the adapter was trained on (default, exact) "
-        "or into the original weights",
-    )
-    export.add_argument("--eval-data", help="data file for the fidelity report (default: the run's validation set)")
-    export.add_argument("--eval-format", help="format of --eval-data (default: the recipe's first dataset format)")
-    export.add_argument("--eval-samples", type=int, default=32, help="samples compared per artifact (default 32)")
-
-    push = commands.add_parser("push", help="upload a run (adapter and/or exports) with a model card to the Hub")
-    push.add_argument("run_dir")
-    push.add_argument("--repo", required=True, help="user/name")
-    push.add_argument(
-        "--what",
-        action="append",
-        default=[],
-        choices=PUSH_TARGETS,
-        help="what to upload (repeatable; default: adapter)",
-    )
-    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
-
-    memory = commands.add_parser("memory", help="weight memory per precision, from config.json alone")
-    memory.add_argument("model", help="Hub id or local folder (only config.json is read)")
-    memory.add_argument("--revision", default="main")
-    memory.add_argument("--json", action="store_true", help="print JSON instead of the table")
-
-    plan = commands.add_parser("plan", help="predicted peak training memory of a recipe, and whether it fits a GPU")
-    plan.add_argument("recipe")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    plan.add_argument(
-        "--gpu", help="t4, l4, a10g, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 16GB"
-    )
-    plan.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32 compute; peak RSS, loading included)")
-
-    evaluation = commands.add_parser("eval", help="loss and perplexity of the 4-bit base, the adapter and every export")
-    evaluation.add_argument("run_dir")
-    evaluation.add_argument("--data", help="a data file (default: the run's validation split)")
-    evaluation.add_argument("--format", dest="data_format", help="format of --data (default: the recipe's first)")
-    evaluation.add_argument("--samples", type=int, help="at most this many samples (default: all of them)")
-
-    commands.add_parser("report", help="rebuild a run's report.html and print its path").add_argument("run_dir")
-    report = commands.add_parser("quantize-report", help="every precision of one model: memory, load time, perplexity")
-    report.add_argument("model", help="a local model folder")
-    report.add_argument("--data", required=True, help="data file to measure perplexity on")
-    report.add_argument("--format", dest="data_format", default="text")
-    report.add_argument("--samples", type=int, default=64)
-    report.add_argument("--max-length", type=int, default=512)
-    report.add_argument("--out", help="folder for quantize_report/ (default: current folder)")
-
-    for name, helptext in (
-        ("generate", "one completion for --prompt (for scripts)"),
-        ("chat", "talk to the model (stdin; /reset, /exit)"),
-    ):
-        command = commands.add_parser(name, help=helptext)
-        command.add_argument("run_dir")
-        if name == "generate":
-            command.add_argument("--prompt", required=True, help="the instruction (alpaca runs) or the user message")
-            command.add_argument(
-                "--input",
-                dest="input_text",
-                default="",
-                help="alpaca runs: the input the instruction works on (the '### Input:' section)",
-            )
-        else:
-            command.add_argument("--system", help="system message for chat-format runs")
-        command.add_argument(
-            "--artifact", help="an export to use instead of the adapter: a merged/nf4 folder or a .gguf"
-        )
-        command.add_argument("--max-new-tokens", type=int, default=128)
-        command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-
-    tiny = commands.add_parser(
-        "make-tiny-model", help="build a small model + tokenizer locally and pretrain it briefly (demo, tests)"
-    )
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--family", choices=list(FAMILIES), default="llama")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=200,
-        help="full-precision language-model steps on generated text, so the base is not random (0: skip)",
-    )
-    tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
-    tiny.add_argument("--preference-data", metavar="FILE", help="also write DPO / ORPO pairs on the demo's tasks")
-    return parser
 
 
 def cmd_validate(args) -> int:
@@ -267,6 +119,20 @@ def cmd_plan(args) -> int:
 
 def cmd_eval(args) -> int:
     quiet_library_noise()
+    if args.tasks is not None:
+        if args.data or args.samples:
+            raise QtuneError(
+                "--data and --samples measure the loss; --tasks runs benchmarks", fix="use one or the other"
+            )
+        if not args.tasks:
+            raise QtuneError("--tasks names no task", fix="e.g. --tasks arc_easy or --tasks my_task.yaml")
+        from qtune.task_eval import eval_tasks
+
+        batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+        if not isinstance(batch_size, int) and not batch_size.startswith("auto"):
+            raise QtuneError(f"--batch-size {batch_size}: not a number", fix="give a number, or auto")
+        eval_tasks(args.run_dir, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=batch_size)
+        return 0
     from qtune.evaluate import eval_run
 
     eval_run(args.run_dir, data=args.data, data_format=args.data_format, samples=args.samples)
@@ -274,6 +140,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
+    quiet_library_noise()
     from qtune.report_page import build_report
     from qtune.run_dir import open_run
 
@@ -322,6 +189,7 @@ def cmd_make_tiny_model(args) -> int:
     quiet_library_noise()
     from pathlib import Path
 
+    from qtune.demo_task import write_choice_task
     from qtune.tiny_models import write_demo_data, write_tiny_model
 
     target = Path(args.out_dir)
@@ -343,6 +211,8 @@ def cmd_make_tiny_model(args) -> int:
     if args.preference_data:  # other prompts than the SFT data's: another seed
         written = write_demo_data(args.preference_data, count=1000, seed=args.seed + 1, preference=True)
         print(f"preference pairs written to {written}")
+    if args.demo_task:  # prompts of a third seed: not the ones the demo trains on
+        print(f"multiple-choice task written to {write_choice_task(args.demo_task, seed=args.seed + 2)}")
     return 0
 
 

@@ -14,7 +14,6 @@ import torch
 
 from qtune import data as data_stage
 from qtune import metrics, preference
-from qtune.fsutil import write_json_atomically
 from qtune.memory import PRECISIONS, inventory, load_config, weight_memory
 from qtune.model import (
     choose_pad_token,
@@ -28,6 +27,7 @@ from qtune.plots import saved_figure
 from qtune.recipe import DataSection
 from qtune.report_page import build_report
 from qtune.run_dir import ARTIFACTS, EVAL_REPORT, MERGED_FORMATS, TrainedRun, open_run
+from qtune.task_scores import update_eval_report
 
 # --------------------------------------------------------------------------- the samples and the artifacts
 
@@ -207,12 +207,9 @@ def eval_run(
             "an untrained base)"
         )
     report = {"samples": len(chosen), "data": data or "validation split", "models": table}
-    write_json_atomically(trained.run_dir / EVAL_REPORT, report)
+    update_eval_report(trained.run_dir / EVAL_REPORT, report)  # the task scores, if any, stay
     echo(f"run page updated: {build_report(trained.run_dir)}")
     return report
-
-
-# --------------------------------------------------------------------------- qtune quantize-report
 
 
 # --------------------------------------------------------------------------- qtune quantize-report

@@ -21,12 +21,14 @@ from qtune.run_dir import (
     ARTIFACTS,
     CHECKPOINTS,
     EVAL_BEFORE,
+    EVAL_REPORT,
     EXPORT,
     EXPORT_REPORT,
     RECIPE_FILE,
     REPORT_PAGE,
     open_run,
 )
+from qtune.task_scores import describe_settings, markdown_task_table, score_rows
 
 CHECKPOINT_PREFIX = "checkpoints"
 
@@ -132,6 +134,24 @@ def method_description(recipe) -> str:
     return f"supervised fine-tuning (SFT){start}"
 
 
+def task_results(tasks: dict) -> list:
+    """The adapter's task scores as the Hub's model-index, which it shows beside the card."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=row["task"],
+            dataset_name=row["task"],
+            metric_type=row["metric"],
+            metric_value=round(row["value"], 4),
+            verified=False,
+        )
+        for row in score_rows(tasks)
+        if row["artifact"] == "adapter"
+    ] or None
+
+
 def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, str | Path]) -> str:
     from huggingface_hub import ModelCardData
 
@@ -141,7 +161,11 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, s
     report_path = trained.export_dir / EXPORT_REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     hub_datasets = [d.path for d in recipe.data.datasets if not Path(d.path).expanduser().exists()]
+    evaluation = run_dir / EVAL_REPORT
+    tasks = (json.loads(evaluation.read_text()) if evaluation.is_file() else {}).get("tasks")
     front = ModelCardData(
+        model_name=repo_id.split("/")[-1] if tasks else None,
+        eval_results=task_results(tasks) if tasks else None,
         base_model=recipe.model.name,
         library_name="peft" if "adapter" in what else "transformers",
         tags=["qlora", "qtune", "lora", recipe.train.method, "generated_from_trainer"]
@@ -207,6 +231,15 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], chosen: dict[str, s
             "```",
             "",
         ]
+    if tasks:
+        lines += [
+            "## Task benchmarks",
+            "",
+            f"lm-evaluation-harness, the same tasks, docs and seeds for every model ({describe_settings(tasks)}):",
+            "",
+            *markdown_task_table(tasks),
+        ]
+        lines.append("")
     lines += ["## Usage", ""]
     if "adapter" in what:
         lines += [

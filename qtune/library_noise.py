@@ -30,3 +30,6 @@ def quiet_library_noise() -> None:
     import datasets
 
     datasets.disable_progress_bars()
+    # lm-evaluation-harness warns that a loaded model "is not of type str" and logs each seed and task it sets up;
+    # `qtune eval --tasks` states the tasks, seeds and cost itself. Its request progress bars stay.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)

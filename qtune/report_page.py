@@ -7,7 +7,6 @@ generations.json, the export and eval reports) by `qtune train`, `qtune export`,
 from __future__ import annotations
 
 import html
-import io
 import json
 import platform
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from qtune.fsutil import write_text_atomically
-from qtune.plots import draw_losses
+from qtune.plots import draw_losses, inline_svg
 from qtune.recipe import Recipe, validate_recipe
 from qtune.run_dir import (
     CHECKPOINTS,
@@ -29,6 +28,7 @@ from qtune.run_dir import (
     RECIPE_FILE,
     REPORT_PAGE,
 )
+from qtune.task_scores import TABLE_HEADER, describe_settings, score_rows, table_cells
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d1d1f}
@@ -284,23 +284,71 @@ def size_kl_chart(ax, artifacts: dict) -> None:
 
 
 def eval_section(report: dict | None) -> str:
-    if not report:
-        return "<p class=muted>No evaluation yet: <code>qtune eval RUN_DIR</code> writes one.</p>"
-    rows = "".join(
-        f"<tr><td>{esc(name)}</td><td class=num>{row['loss']:.4f}</td><td class=num>{row['perplexity']:.4f}</td></tr>"
-        for name, row in report["models"].items()
+    report = report or {}
+    out = ""
+    if report.get("models"):
+        rows = "".join(
+            f"<tr><td>{esc(name)}</td><td class=num>{row['loss']:.4f}</td><td class=num>{row['perplexity']:.4f}</td></tr>"
+            for name, row in report["models"].items()
+        )
+        out += (
+            f"<p class=muted>Loss per supervised token on {report.get('samples')} samples of "
+            f"{esc(str(report.get('data')))}.</p><table><tr><th>model</th><th>loss</th><th>perplexity</th></tr>"
+            + rows
+            + "</table>"
+        )
+    if report.get("tasks"):
+        out += tasks_table(report["tasks"])
+    return out or (
+        "<p class=muted>No evaluation yet: <code>qtune eval RUN_DIR</code> measures the loss, "
+        "<code>qtune eval RUN_DIR --tasks ...</code> benchmark scores.</p>"
     )
-    return (
-        f"<p class=muted>Loss per supervised token on {report.get('samples')} samples of {esc(str(report.get('data')))}.</p>"
-        "<table><tr><th>model</th><th>loss</th><th>perplexity</th></tr>" + rows + "</table>"
+
+
+def tasks_table(part: dict) -> str:
+    scored = [row for row in score_rows(part) if "skipped" not in row]
+    cells = "".join(
+        f"<tr><td>{esc(row[0])}</td><td colspan=5 class=muted>{esc(row[1])}</td></tr>"
+        if row[1].startswith("skipped: ")
+        else "<tr>"
+        + "".join(f"<td>{esc(c)}</td>" for c in row[:3])
+        + "".join(f"<td class=num>{c}</td>" for c in row[3:])
+        + "</tr>"
+        for row in table_cells(part)
     )
+    chart = (
+        figure(lambda ax: task_chart(ax, scored), "Task score ± stderr per model.", (7, 0.8 + 0.3 * len(scored)))
+        if scored
+        else ""
+    )
+    header = "".join(f"<th>{esc(name)}</th>" for name in TABLE_HEADER)
+    return f"<p class=muted>Task benchmarks: {esc(describe_settings(part))}.</p>{chart}<table><tr>{header}</tr>{cells}</table>"
+
+
+def task_chart(ax, rows: list[dict]) -> None:
+    labels = [f"{row['artifact']} · {row['task']}" for row in rows][::-1]
+    values = [row["value"] for row in rows][::-1]
+    errors = [row["stderr"] or 0.0 for row in rows][::-1]
+    colors = ["#4c78a8" if row["artifact"] != "adapter" else "#f58518" for row in rows][::-1]
+    ax.barh(labels, values, xerr=errors, color=colors, capsize=3)
+    ax.set_xlabel("score")
 
 
 def environment_section(metrics: dict) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     rows = [("python", platform.python_version()), ("machine", platform.machine())]
-    for package in ("qtune", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+    for package in (
+        "qtune",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "lm_eval",
+    ):
         try:
             rows.append((package, version(package)))
         except PackageNotFoundError:
@@ -318,25 +366,8 @@ def environment_section(metrics: dict) -> str:
 
 
 def figure(draw: Callable, caption: str, size: tuple[float, float] = (7, 3.2)) -> str:
-    """A matplotlib chart as inline SVG (text kept as text, so a chart is a few KB), with its caption."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "qtune"}):
-        fig, ax = plt.subplots(figsize=size)
-        try:
-            draw(ax)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            buffer = io.StringIO()
-            fig.savefig(buffer, format="svg", metadata={"Date": None})
-        finally:
-            plt.close(fig)
-    svg = buffer.getvalue()
-    svg = svg[svg.index("<svg") :]  # no XML prolog or DOCTYPE inside HTML
-    return f"<figure>{svg}<figcaption>{esc(caption)}</figcaption></figure>"
+    """A matplotlib chart as inline SVG, with its caption."""
+    return f"<figure>{inline_svg(draw, size)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def read_json(path: Path) -> dict | list | None:

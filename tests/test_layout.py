@@ -38,11 +38,13 @@ LAYERS = {
         "distributed",
         "cpu_threads",
         "tiny_models",
+        "demo_task",
         "metrics",
         "memory",
+        "task_scores",
     ],
     2: ["plan", "hub"],
-    3: ["report_page", "evaluate", "chat"],
+    3: ["report_page", "evaluate", "chat", "task_models", "task_eval"],
     4: [
         "export.gguf",
         "export.gguf_family",
@@ -62,7 +64,7 @@ LAYERS = {
         "training",
     ],
     5: ["pipeline"],
-    6: ["cli", "__main__", "__init__"],
+    6: ["cli", "cli_parser", "__main__", "__init__"],
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
 

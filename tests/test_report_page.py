@@ -1,5 +1,5 @@
 """report.html: one self-contained page per run (no script, no file or font from elsewhere), rebuilt by train, export,
-eval and `qtune report`. (Rendering it in a headless browser, as a person would see it, is issue 16's next step.)"""
+eval and `qtune report`, and looked at in headless Chromium as a person would see it."""
 
 import json
 import re

@@ -19,8 +19,11 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # huggingface_hub logs each "Retrying in Ns" before it raises the error qtune turns into one line.
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    # huggingface_hub logs each "Retrying in Ns" before it raises the error qtune turns into one line. Set through its
+    # own call: importing it (transformers does, below) resets its logger's level, so a level set earlier is lost.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     # Per-tensor "Loading weights" / "Writing model shards" bars; the training bar (plain tqdm) stays.
     from transformers.utils import logging as transformers_logging
 

@@ -158,3 +158,17 @@ def test_a_busy_machine_is_said_and_the_thread_pool_follows_it(monkeypatch):
         assert cpu_threads.FreeCoreThreads(said.append).start(sample_seconds=0) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_hub_retries_stay_quiet_when_the_hub_is_first_imported_by_the_silencing_itself():
+    """huggingface_hub logs "'...' thrown while requesting HEAD" and "Retrying in 8s" five times before the error
+    qtune turns into one line (`qtune eval --tasks hellaswag` offline printed them). Its import resets its logger's
+    level, so the level must be set after it is imported: in a fresh process, where quiet_library_noise imports it."""
+    probe = (
+        "import logging, sys; from qtune.library_noise import quiet_library_noise; "
+        "assert 'huggingface_hub' not in sys.modules; quiet_library_noise(); "
+        "print(logging.getLogger('huggingface_hub.utils._http').getEffectiveLevel())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(40)  # logging.ERROR

@@ -118,7 +118,8 @@ def load_tasks(names: list[str]):
 
 def count_requests(loaded: dict, limit: int | None, num_fewshot: int | None) -> dict[str, dict]:
     """Docs and model requests per task, built as the harness will build them (a multiple-choice doc is one request
-    per choice; a generation, one; a perplexity doc, one per window)."""
+    per choice; a generation or a whole-text perplexity doc, one). simple_evaluate loads the tasks afresh for each
+    model, so these objects are only counted."""
     counts = {}
     for name, task in loaded["tasks"].items():
         if num_fewshot is not None and task.get_config("num_fewshot") != 0:
@@ -132,7 +133,6 @@ def count_requests(loaded: dict, limit: int | None, num_fewshot: int | None) -> 
             "requests": len(task.instances),
             "kind": task.OUTPUT_TYPE,
         }
-        task._instances = None  # built again, identically, for each artifact
     return counts
 
 

@@ -26,6 +26,18 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def add_overrides(command: argparse.ArgumentParser) -> None:
+    """--set, for every command that reads a recipe."""
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="qtune",
@@ -38,18 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a recipe (fast, loads nothing)")
     validate.add_argument("recipe")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(validate)
 
     train = commands.add_parser("train", help="fine-tune with QLoRA")
     train.add_argument("recipe")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)",
-    )
+    add_overrides(train)
     train.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir"
     )
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="predicted peak training memory of a recipe, and whether it fits a GPU")
     plan.add_argument("recipe")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(plan)
     plan.add_argument(
         "--gpu", help="t4, l4, a10g, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 16GB"
     )

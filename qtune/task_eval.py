@@ -64,11 +64,8 @@ def local_task(path: Path) -> dict:
             return {k: beside(v) for k, v in value.items()}
         return value
 
-    options = config.get("dataset_kwargs") or {}
-    if "data_files" in options:
-        config["dataset_kwargs"] = {**options, "data_files": beside(options["data_files"])}
-    if "data_dir" in options:
-        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_dir": beside(options["data_dir"])}
+    if options := config.get("dataset_kwargs"):
+        config["dataset_kwargs"] = {k: beside(v) if k in ("data_files", "data_dir") else v for k, v in options.items()}
     config["dataset_path"] = beside(config.get("dataset_path"))
     return config
 
@@ -247,11 +244,12 @@ def eval_tasks(
             "scores": {task: figures for task, figures in scores.items() if figures},
             "seconds": round(time.perf_counter() - started, 2),
         }
-        # the table shows what was asked for: a group's aggregate, not its 57 subjects; a tag's tasks one by one
-        shown = [task for task in part["tasks"] if task in part["artifacts"][name]["scores"]]
-        if len(shown) < len(part["tasks"]):
-            shown += [task for task in counts if task not in shown]
-        part["shown"] = shown
+    # the table shows what was asked for: a group's aggregate, not its 57 subjects; a tag's tasks one by one (every
+    # model is scored on the same tasks, so the adapter's scores say which there are)
+    shown = [task for task in part["tasks"] if task in part["artifacts"]["adapter"]["scores"]]
+    if len(shown) < len(part["tasks"]):
+        shown += [task for task in counts if task not in shown]
+    part["shown"] = shown
     part["artifacts"].update({name: {"skipped": reason} for name, reason in skipped.items()})
     part["artifacts"] = {name: part["artifacts"][name] for name in names}  # in the run's order
     echo(f"task benchmarks ({describe_settings(part)}):")

@@ -36,11 +36,10 @@ class LlamaCppLM(TemplateLM):
     """A GGUF file in llama.cpp: its own tokenizer, its own kernels, greedy generation."""
 
     def __init__(self, path: Path):
+        import gguf
         import llama_cpp
 
         super().__init__()
-        import gguf
-
         reader = gguf.GGUFReader(path)
         architecture = reader.fields["general.architecture"].contents()
         trained_context = int(reader.fields[f"{architecture}.context_length"].contents())

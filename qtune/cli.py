@@ -199,6 +199,9 @@ def cmd_make_tiny_model(args) -> int:
             fix="choose another folder",
             code=EXIT_RECIPE,
         )
+    if args.demo_task:  # first: a folder it refuses stops the command before the minute of pretraining
+        # prompts of a third seed: not the ones the demo trains on
+        print(f"multiple-choice task written to {write_choice_task(args.demo_task, seed=args.seed + 2)}")
     print(
         f"make-tiny-model: building a {args.family} tokenizer and model, then {args.pretrain_steps} pretraining steps "
         f"(about {args.pretrain_steps // 4 + 5} s on 2 free cores)",
@@ -211,8 +214,6 @@ def cmd_make_tiny_model(args) -> int:
     if args.preference_data:  # other prompts than the SFT data's: another seed
         written = write_demo_data(args.preference_data, count=1000, seed=args.seed + 1, preference=True)
         print(f"preference pairs written to {written}")
-    if args.demo_task:  # prompts of a third seed: not the ones the demo trains on
-        print(f"multiple-choice task written to {write_choice_task(args.demo_task, seed=args.seed + 2)}")
     return 0
 
 

@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from qtune.errors import EXIT_RECIPE, QtuneError
+from qtune.fsutil import write_text_atomically
 from qtune.tiny_models import demo_rows
 
 
@@ -54,28 +56,39 @@ CHOICE_TASK = "demo_choice"
 
 def write_choice_task(folder: str | Path, count: int = 400, seed: int = 2) -> Path:
     """The demo's multiple-choice task as lm-evaluation-harness reads a local one: the rows as JSON lines and a task
-    YAML beside them (`qtune eval RUN --tasks FOLDER/demo_choice.yaml`). Returns the YAML's path."""
+    YAML beside them (`qtune eval RUN --tasks FOLDER/demo_choice.yaml`). Returns the YAML's path. Files of the same
+    names with other contents are the user's: refused, before anything is written."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rows = folder / f"{CHOICE_TASK}.jsonl"
-    rows.write_text("".join(json.dumps(row) + "\n" for row in choice_rows(count, seed)), encoding="utf-8")
     task = folder / f"{CHOICE_TASK}.yaml"
-    task.write_text(
-        f"# The demo rules as a multiple-choice task: {count} prompts, each with the right answer and three typical\n"
-        "# wrong ones. lm-evaluation-harness scores each choice's log-likelihood after the prompt; acc is the share\n"
-        "# where the right one scores highest, acc_norm the same per byte of answer.\n"
-        f"task: {CHOICE_TASK}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs: {{data_files: {{test: {rows.name}}}}}  # relative paths: to this file's folder (qtune)\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\n'
-        "doc_to_choice: choices\n"
-        "doc_to_target: answer\n"
-        'target_delimiter: ""  # the prompt ends in a newline\n'
-        "metric_list:\n"
-        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n",
-        encoding="utf-8",
-    )
+    texts = {
+        rows: "".join(json.dumps(row) + "\n" for row in choice_rows(count, seed)),
+        task: (
+            f"# The demo rules as a multiple-choice task: {count} prompts, each with the right answer and three typical\n"
+            "# wrong ones. lm-evaluation-harness scores each choice's log-likelihood after the prompt; acc is the share\n"
+            "# where the right one scores highest, acc_norm the same per byte of answer.\n"
+            f"task: {CHOICE_TASK}\n"
+            "dataset_path: json\n"
+            f"dataset_kwargs: {{data_files: {{test: {rows.name}}}}}  # relative paths: to this file's folder (qtune)\n"
+            "test_split: test\n"
+            "output_type: multiple_choice\n"
+            'doc_to_text: "{{question}}"\n'
+            "doc_to_choice: choices\n"
+            "doc_to_target: answer\n"
+            'target_delimiter: ""  # the prompt ends in a newline\n'
+            "metric_list:\n"
+            "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+            "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
+        ),
+    }
+    for path, text in texts.items():
+        if path.exists() and (not path.is_file() or path.read_text(encoding="utf-8") != text):
+            raise QtuneError(
+                f"{path} exists with other contents; qtune does not overwrite it",
+                fix="choose another --demo-task folder",
+                code=EXIT_RECIPE,
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, text in texts.items():
+        write_text_atomically(path, text)
     return task

@@ -199,3 +199,20 @@ def test_each_model_is_freed_before_the_next_loads(scored_run):
     """On a T4 a 7B's merged fp16 and its NF4 export do not fit together: one model in memory at a time."""
     _, _, alive_at_load = scored_run
     assert alive_at_load == [0, 0, 0]  # the adapter model (the base with its adapter off, too), merged_fp16, nf4
+
+
+def test_the_demo_task_is_rewritten_as_it_was_and_a_users_file_is_never_overwritten(tmp_path, run_cli):
+    from qtune.demo_task import write_choice_task
+
+    task = write_choice_task(tmp_path / "task")
+    first = {p.name: p.read_text() for p in (tmp_path / "task").iterdir()}
+    assert write_choice_task(tmp_path / "task") == task  # the README's command run twice: the same files
+    assert {p.name: p.read_text() for p in (tmp_path / "task").iterdir()} == first
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "demo_choice.jsonl").write_text('{"my": "rows"}\n')
+    # refused before the model is built, and nothing written: not even the YAML beside the user's file
+    code, out, err = run_cli("make-tiny-model", tmp_path / "model", "--demo-task", mine)
+    assert code == 2 and err.count("\n") == 1 and "exists with other contents" in err
+    assert (mine / "demo_choice.jsonl").read_text() == '{"my": "rows"}\n'
+    assert sorted(p.name for p in mine.iterdir()) == ["demo_choice.jsonl"] and not (tmp_path / "model").exists()

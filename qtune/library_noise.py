@@ -14,6 +14,8 @@ def quiet_library_noise() -> None:
 
     # bitsandbytes looks for an optional hub-hosted CPU kernel on every import and logs its absence.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # ...and `kernels` (a transformers dependency since 5.25) warns that it cannot check that hub kernel offline.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
     # Deprecation notices between the libraries (peft calling transformers' old names) are not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning)

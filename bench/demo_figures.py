@@ -42,7 +42,7 @@ def qtune(*args, cwd: Path) -> tuple[float, str]:
 
 def exact_match(run: Path, rows: list[dict], cwd: Path) -> dict:
     """Greedy answers of the fine-tuned demo model to held-out rows, per task: what it measurably learned."""
-    from qtune.chat import build_prompt, generate, load_for_generation
+    from qtune.publish.chat import build_prompt, generate, load_for_generation
 
     model, tokenizer, style = load_for_generation(run)
     by_task: dict[str, list[int]] = {}
@@ -105,7 +105,7 @@ def main() -> None:
     figures["tasks"] = json.loads((work / "runs/demo/eval_report.json").read_text())["tasks"]
     recipe = yaml.safe_load((work / "recipes/demo.yaml").read_text())
     sys.path.insert(0, str(REPO))
-    from qtune.tiny_models import demo_rows
+    from qtune.demo.tiny_models import demo_rows
 
     rows = demo_rows(200, seed=1)  # freshly drawn rows (the demo data is seed 0); the task space is small, so
     os.chdir(work)  # a word or a sum may also occur in training

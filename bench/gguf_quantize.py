@@ -52,10 +52,10 @@ def quantize_with_llama_cpp(source: Path, target: Path, file_type: int, threads:
 
 
 def quantize_with_qtune(merged: Path, target: Path, mix: str) -> float:
-    from qtune.export.gguf import write_gguf
+    from qtune.export.formats.gguf.writer import write_gguf
 
     start = time.perf_counter()
-    write_gguf(merged, target, mix, echo=lambda *_: None)
+    write_gguf(merged, target, mix)
     return time.perf_counter() - start
 
 

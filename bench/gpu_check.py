@@ -46,7 +46,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-from qtune.checkpoints import MANIFEST  # noqa: E402  (after the path: the kit runs from a source tree too)
+from qtune.core.checkpoints import MANIFEST  # noqa: E402  (after the path: the kit runs from a source tree too)
 
 GIB = 2**30
 T4_GIB = 15.0
@@ -104,7 +104,7 @@ def exec_capped(cap_gib: float | None, command: list[str]) -> None:
     import resource
 
     if command[:2] == ["-m", "qtune"]:  # what qtune's CLI sets before CUDA starts, and this process starts it first
-        from qtune.cuda_setup import use_expandable_segments
+        from qtune.core.cuda_setup import use_expandable_segments
 
         use_expandable_segments()
     import torch
@@ -141,7 +141,7 @@ def build_base(folder: Path, shape: dict, device: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qtune.tiny_models import build_tokenizer
+    from qtune.demo.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -188,7 +188,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def long_text(tokens: int) -> str:
     """A text of at least `tokens` tokens of qtune's tokenizer (every word is one token or more)."""
-    from qtune.tiny_models import WORDS
+    from qtune.demo.tiny_models import WORDS
 
     return " ".join(WORDS[i % len(WORDS)] for i in range(tokens))
 
@@ -317,9 +317,9 @@ def write_recipe(path: Path, raw: dict) -> Path:
 def planned_bytes(raw: dict, budget_gib: float | None, device: str, decided: dict | None = None) -> dict:
     """qtune's plan for a recipe, with the budget `qtune train` gives its `auto` decisions (80% of the GPU), or with
     the decisions a finished run recorded in metrics.json (`decided`)."""
-    from qtune.plan import plan_training
-    from qtune.recipe import validate_recipe
-    from qtune.training.config import AUTO_GPU_SHARE
+    from qtune.config.recipe import validate_recipe
+    from qtune.planning.plan import plan_training
+    from qtune.training.arguments import AUTO_GPU_SHARE
 
     raw = json.loads(json.dumps(raw))
     for key in ("gradient_checkpointing", "offload_activations"):
@@ -598,7 +598,7 @@ def context_try(kit: Kit, base: Path, length: int, side: str) -> dict:
 
 def section_context(kit: Kit, base: Path) -> None:
     """The longest max_length that trains in 15 GiB, qtune against the baseline (a short search, one step each)."""
-    from qtune.plan import largest_max_length
+    from qtune.planning.plan import largest_max_length
 
     with kit.section("context_8b", 120) as entry:
         if entry is None:

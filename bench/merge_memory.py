@@ -23,11 +23,11 @@ from pathlib import Path
 
 MERGE_SCRIPT = """
 import json, resource, sys, time
-from qtune.export.merge import write_merged
-from qtune.run_dir import open_run
+from qtune.export.formats.merged import write_merged
+from qtune.core.folders import open_run
 started = time.perf_counter()
 run = open_run(sys.argv[1])
-write_merged(run, __import__("pathlib").Path(sys.argv[2]), dtype_name="float16", merge_base="dequantized", echo=lambda *_: None)
+write_merged(run, __import__("pathlib").Path(sys.argv[2]), dtype_name="float16", merge_base="dequantized")
 print(json.dumps({"seconds": time.perf_counter() - started,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -39,7 +39,7 @@ def save_random_llama(folder: Path, shape: dict, *, unit_norms: bool = False) ->
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qtune.tiny_models import build_tokenizer
+    from qtune.demo.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -86,9 +86,9 @@ def main() -> None:
     parser.add_argument("--allocator", choices=("tracking", "default", "both"), default="tracking")
     args = parser.parse_args()
 
-    from qtune.plan import plan_training
-    from qtune.recipe import validate_recipe
-    from qtune.tiny_models import write_tiny_model
+    from qtune.config.recipe import validate_recipe
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.planning.plan import plan_training
 
     work = args.work or Path(tempfile.mkdtemp(prefix="qtune-plan-"))
     work.mkdir(parents=True, exist_ok=True)

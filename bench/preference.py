@@ -26,8 +26,8 @@ from demo_figures import exact_match, qtune, run  # noqa: E402
 def batched_dpo(recipe: str) -> int:
     """`qtune train` with trl's own DPO step (the whole micro-batch in one forward and backward), for comparison."""
     from qtune.cli import main
-    from qtune.training.preference import QtunePreferenceTrainer
-    from qtune.training.trainer import QtuneTrainerMixin
+    from qtune.training.methods.base_trainer import QtuneTrainerMixin
+    from qtune.training.methods.preference_trainer import QtunePreferenceTrainer
 
     QtunePreferenceTrainer.micro_batch_step = QtuneTrainerMixin.micro_batch_step
     return main(["train", recipe, "--overwrite"])
@@ -64,7 +64,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}", flush=True)
 
-    from qtune.tiny_models import demo_rows, preference_rows
+    from qtune.demo.tiny_models import demo_rows, preference_rows
 
     qtune(
         "make-tiny-model",

@@ -58,7 +58,7 @@ def build_model(folder: Path, shape: dict) -> None:
 
 def alpaca_like_rows(count: int, seed: int) -> list[dict]:
     """Short instructions; answers log-normally long: median ~35 words, a tail past 1,000 tokens."""
-    from qtune.tiny_models import WORDS
+    from qtune.demo.tiny_models import WORDS
 
     rng = random.Random(seed)
 
@@ -89,11 +89,11 @@ def write_inputs(work: Path, max_length: int, shape: dict) -> dict:
     from transformers import AutoTokenizer
 
     from qtune import data as data_stage
-    from qtune.recipe import validate_recipe
+    from qtune.config.recipe import validate_recipe
 
     recipe = validate_recipe(qtune_recipe(work, max_length, 4, 2, 5, work / "unused"))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    from qtune.model import choose_pad_token
+    from qtune.modeling.load import choose_pad_token
 
     tokenizer.pad_token = choose_pad_token(tokenizer)
     prepared = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
@@ -152,19 +152,19 @@ def run_qtune_side(settings: dict) -> None:
     sys.path.insert(0, str(BENCH))
     from hf_baseline import StepTimer
 
-    from qtune.recipe import validate_recipe
-    from qtune.run_dir import claimed_run
+    from qtune.config.recipe import validate_recipe
+    from qtune.core.folders import claimed_run
     from qtune.training.run import fit, prepare
 
     recipe = validate_recipe(settings["recipe"])
     with claimed_run(recipe.train.output_dir, resume=False, overwrite=True) as claim:
-        prepared = prepare(recipe, claim.folder, resume=False, echo=lambda *_: None)
+        prepared = prepare(recipe, claim.folder, resume=False)
         trainer = prepared.trainer
         timer = StepTimer()
         trainer.add_callback(timer)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        metrics = fit(recipe, claim.folder, prepared, echo=lambda *_: None)
+        metrics = fit(recipe, claim.folder, prepared)
     print(
         json.dumps(
             {

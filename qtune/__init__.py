@@ -1,6 +1,8 @@
 """qtune: QLoRA fine-tuning from one validated recipe.
 
-Importing qtune stays light (no torch) so that `qtune validate` answers at once.
+The packages follow the data: config (the recipe) -> data and modeling -> training -> export -> evaluation and
+publish, on top of core; cli turns arguments into those calls. docs/architecture.md has the map. Importing qtune
+stays light (no torch) so that `qtune validate` answers at once.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ def train(recipe, *, overrides=(), resume: bool = False, overwrite: bool = False
     >>> import qtune
     >>> metrics = qtune.train("recipes/demo.yaml", overrides=["train.max_steps=20"])
     """
-    from qtune.cuda_setup import use_expandable_segments
+    from qtune.core.cuda_setup import use_expandable_segments
 
     use_expandable_segments()  # no effect if this notebook already started CUDA
+    from qtune.config.recipe import Recipe, apply_override, load_recipe, validate_recipe
     from qtune.pipeline import run
-    from qtune.recipe import Recipe, apply_override, load_recipe, validate_recipe
 
     if isinstance(recipe, Recipe):
         if overrides:

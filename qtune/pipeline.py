@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtune import hub
+from qtune.config.recipe import Recipe
 from qtune.export.run import export
-from qtune.recipe import Recipe
+from qtune.publish import hub
 from qtune.training.run import train
 
 
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False, echo=print) -> dict:
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
     """What `qtune train RECIPE` does; returns the run's metrics (with the export report when it exported)."""
 
     def export_and_push(run_dir: Path, metrics: dict) -> None:
@@ -21,9 +21,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
                 list(recipe.export.formats),
                 merge_base=recipe.export.merge_base,
                 eval_samples=recipe.export.eval_samples,
-                echo=echo,
             )
         if recipe.hub.repo_id:
-            hub.push(run_dir, recipe.hub.repo_id, list(recipe.hub.push), private=recipe.hub.private, echo=echo)
+            hub.push(run_dir, recipe.hub.repo_id, list(recipe.hub.push), private=recipe.hub.private)
 
-    return train(recipe, resume=resume, overwrite=overwrite, force=force, echo=echo, then=export_and_push)
+    return train(recipe, resume=resume, overwrite=overwrite, force=force, then=export_and_push)

@@ -54,7 +54,7 @@ def gemma_base() -> Path:
 
 def chat_rows(count: int, seed: int = 0) -> list[dict]:
     """One-turn chats built from the demo tasks, for a short fine-tune."""
-    from qtune.tiny_models import demo_rows
+    from qtune.demo.tiny_models import demo_rows
 
     return [
         {

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
-from qtune.tiny_models import demo_rows
+from qtune.demo.tiny_models import demo_rows
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def chat_run(tmp_path_factory, pretrained_llama):
 
 
 def test_generate_stops_at_end_of_turn(chat_run):
-    from qtune.chat import build_prompt, generate, load_for_generation, stop_token_ids
+    from qtune.modeling.generation import generate, stop_token_ids
+    from qtune.publish.chat import build_prompt, load_for_generation
 
     model, tokenizer, style = load_for_generation(chat_run)
     assert style == "chat"

@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
-from qtune.data import ALPACA_WITH_INPUT, build, tokenize_sample
-from qtune.errors import EXIT_DATA, DataError, RecipeError
-from qtune.recipe import DataSection
+from qtune.config.recipe import DataSection
+from qtune.core.errors import EXIT_DATA, DataError, RecipeError
+from qtune.data.sft import build, tokenize_sample
+from qtune.data.templates import ALPACA_WITH_INPUT
 
 
 def section(*datasets, **fields) -> DataSection:
@@ -25,7 +26,7 @@ def supervised(tokenizer, ids, labels) -> str:
 
 @pytest.fixture
 def tok(tiny_tokenizer):
-    from qtune.model import choose_pad_token
+    from qtune.modeling.load import choose_pad_token
 
     choose_pad_token(tiny_tokenizer)
     return tiny_tokenizer
@@ -163,7 +164,10 @@ def expect_data_error(tok, data, match):
 
 
 def test_missing_file(tmp_path, tok):
-    expect_data_error(tok, section(spec(tmp_path / "nope.jsonl", "alpaca")), "not found")
+    """A path that can only be local and is not there: said at once, never looked up on the Hub (and a missing file
+    is "not found" whatever its suffix, unlike an existing file of a type qtune does not read: the test below)."""
+    expect_data_error(tok, section(spec(tmp_path / "nope.jsonl", "alpaca")), "dataset file not found")
+    expect_data_error(tok, section(spec("./data/gone.txt", "text")), "dataset file not found")
 
 
 def test_empty_file(tmp_path, tok):
@@ -210,7 +214,7 @@ def test_unknown_role(tmp_path, tok):
 
 def test_unsupported_file_type(tmp_path, tok):
     (tmp_path / "a.txt").write_text("hello")
-    expect_data_error(tok, section(spec(tmp_path / "a.txt", "text")), "not found|unsupported")
+    expect_data_error(tok, section(spec(tmp_path / "a.txt", "text")), r"unsupported data file type '\.txt'")
 
 
 def test_too_few_rows_for_the_validation_split(tmp_path, tok):

@@ -10,21 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import recipe_dict, write_recipe
+from helpers import REPO, recipe_dict, run_qtune, step_losses, write_recipe
 
-from qtune.distributed import processes_asked_of_accelerate
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_qtune(args, *, launcher=(), env_extra=None, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", QTUNE_SAMPLE_TRACE="1", **(env_extra or {}))
-    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-
-
-def step_losses(run: Path, step: int):
-    state = json.loads((run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
-    return [(h["step"], h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h]
+from qtune.core.distributed import processes_asked_of_accelerate
 
 
 def batches(run: Path, rank: int):
@@ -116,26 +104,56 @@ def test_accelerate_command_lines_are_read(tmp_path):
     assert processes_asked_of_accelerate(["/usr/bin/python3", "/x/bin/torchrun", "--nproc_per_node", "2"]) is None
 
 
-@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp_qlora"])
-def test_accelerate_configs_parse(name):
+def launch_environment(config_file: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file FILE` gives each process, computed by accelerate's own
+    launcher code (without starting anything)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "qtune", "train", "r.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("name, processes", [("single_gpu", 1), ("multi_gpu", 2), ("fsdp_qlora", 2)])
+def test_accelerate_configs_parse(name, processes):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
-    assert config.num_machines == 1
+    assert config.num_machines == 1 and config.num_processes == processes
+    assert config.mixed_precision == "no"  # qtune picks the compute dtype itself
 
 
-def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+def test_the_fsdp_config_launches_fsdp_qlora(monkeypatch):
+    """The FSDP config, as accelerate launches it: FSDP on (qtune reads ACCELERATE_USE_FSDP), the settings FSDP needs
+    around 4-bit weights (original parameters off, module states synced from rank 0 after a CPU-RAM-efficient load,
+    decoder layers wrapped, fully sharded); and under that environment qtune stores the packed 4-bit weights in the
+    compute dtype and lets FSDP place them."""
     import torch
 
-    from qtune import model as model_stage
-    from qtune.recipe import QuantSection
+    from qtune.config.recipe import QuantSection
+    from qtune.modeling import load as model_loading
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    config = model_stage.build_quantization_config(QuantSection(), torch.bfloat16, fsdp=model_stage.under_fsdp())
-    assert config.bnb_4bit_quant_storage == torch.bfloat16
-    assert model_stage.device_map() is None
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    assert model_stage.build_quantization_config(QuantSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    env = launch_environment(REPO / "accelerate_configs" / "fsdp_qlora.yaml")
+    ddp = launch_environment(
+        REPO / "accelerate_configs" / "multi_gpu.yaml"
+    )  # before the test sets a variable it copies
+    wanted = {
+        "ACCELERATE_USE_FSDP": "true",
+        "ACCELERATE_MIXED_PRECISION": "no",
+        "FSDP_USE_ORIG_PARAMS": "false",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+        "FSDP_SYNC_MODULE_STATES": "true",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+        "FSDP_OFFLOAD_PARAMS": "false",
+    }
+    assert {key: env.get(key) for key in wanted} == wanted
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", env["ACCELERATE_USE_FSDP"])
+    assert model_loading.base_quantization(QuantSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    assert model_loading.device_map() is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", ddp.get("ACCELERATE_USE_FSDP", "false"))
+    assert model_loading.base_quantization(QuantSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
 
 
 def free_port() -> int:

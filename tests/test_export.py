@@ -6,16 +6,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
-from qtune.errors import EXIT_ENVIRONMENT, QtuneError
-from qtune.export.merge import write_merged
+from qtune.config.runs import open_run
+from qtune.core.errors import EXIT_ENVIRONMENT, QtuneError
+from qtune.core.folders import LOCK, MARKER
+from qtune.export.formats import FORMAT_NAMES
+from qtune.export.formats.merged import merged_config, write_merged
 from qtune.export.run import export
-from qtune.recipe import EXPORT_FORMATS
-from qtune.run_dir import LOCK, MARKER, open_run
-from qtune.weights import quantized_weight_names
+from qtune.modeling.config import load_config
+from qtune.modeling.weights import quantized_weight_names
 
-ALL_FORMATS = list(EXPORT_FORMATS)  # every format, adapter included
+ALL_FORMATS = list(FORMAT_NAMES)  # every format, adapter included
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
@@ -51,7 +53,7 @@ def test_nf4_export_loads_with_no_extra_arguments(llama_run, tmp_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    export(llama_run, ["nf4"], out_dir=tmp_path, eval_samples=4, echo=lambda *_: None)
+    export(llama_run, ["nf4"], out_dir=tmp_path, eval_samples=4)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     linears_per_block = 7  # q, k, v, o, gate, up, down
@@ -65,8 +67,8 @@ def test_merge_quantizes_exactly_the_layers_the_loader_does(family, pretrained_l
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
-    from qtune.model import load_base
-    from qtune.recipe import ModelSection, QuantSection
+    from qtune.config.recipe import ModelSection, QuantSection
+    from qtune.modeling.load import load_base
 
     folder = pretrained_llama if family == "llama" else pretrained_qwen2
     loaded = load_base(ModelSection(name=str(folder)), QuantSection(), torch.float32)
@@ -78,7 +80,7 @@ def reference_and_merged_logits(run_dir, merged_dir, batch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qtune.model import load_base
+    from qtune.modeling.load import load_base
 
     trained = open_run(run_dir)
     base = load_base(trained.recipe.model, trained.recipe.quant, torch.float32)
@@ -91,10 +93,9 @@ def reference_and_merged_logits(run_dir, merged_dir, batch):
 def test_merge_into_dequantized_base_is_exact_and_original_is_not(llama_run, tmp_path):
     trained = open_run(llama_run)
     batch = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(0))
-    quiet = dict(echo=lambda *_: None)
-    write_merged(trained, tmp_path / "fp32", dtype_name="float32", merge_base="dequantized", **quiet)
-    write_merged(trained, tmp_path / "fp16", dtype_name="float16", merge_base="dequantized", **quiet)
-    write_merged(trained, tmp_path / "orig", dtype_name="float32", merge_base="original", **quiet)
+    write_merged(trained, tmp_path / "fp32", dtype_name="float32", merge_base="dequantized")
+    write_merged(trained, tmp_path / "fp16", dtype_name="float16", merge_base="dequantized")
+    write_merged(trained, tmp_path / "orig", dtype_name="float32", merge_base="original")
     reference, exact = reference_and_merged_logits(llama_run, tmp_path / "fp32", batch)
     _, half = reference_and_merged_logits(llama_run, tmp_path / "fp16", batch)
     _, original = reference_and_merged_logits(llama_run, tmp_path / "orig", batch)
@@ -117,7 +118,7 @@ def test_dora_merge_matches_the_trained_model(tmp_path_factory, pretrained_qwen2
     raw = recipe_dict(pretrained_qwen2, alpaca_file, folder / "run", lora={"use_dora": True}, train={"max_steps": 4})
     assert main(["train", str(write_recipe(folder / "r.yaml", raw))]) == 0
     trained = open_run(folder / "run")
-    write_merged(trained, folder / "fp32", dtype_name="float32", merge_base="dequantized", echo=lambda *_: None)
+    write_merged(trained, folder / "fp32", dtype_name="float32", merge_base="dequantized")
     batch = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(0))
     reference, merged = reference_and_merged_logits(folder / "run", folder / "fp32", batch)
     assert (merged - reference).abs().max().item() < 1e-4
@@ -128,14 +129,13 @@ def test_gguf_reads_back(llama_run, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from qtune.export.gguf_family import permute_for_llama_rotary
+    from qtune.export.formats.gguf.families import permute_for_llama_rotary
 
     export(
         llama_run,
         ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_0"],
         out_dir=tmp_path,
         eval_samples=4,
-        echo=lambda *_: None,
     )
     hf = AutoTokenizer.from_pretrained(tmp_path / "merged-fp16")
     merged = load_file(str(tmp_path / "merged-fp16" / "model.safetensors"))
@@ -167,7 +167,7 @@ def test_sentencepiece_vocabulary_in_gguf(spm_llama_run, tmp_path):
     import gguf
     from transformers import AutoTokenizer
 
-    report = export(spm_llama_run, ["gguf_f16", "gguf_q8_0"], out_dir=tmp_path, eval_samples=8, echo=lambda *_: None)
+    report = export(spm_llama_run, ["gguf_f16", "gguf_q8_0"], out_dir=tmp_path, eval_samples=8)
     assert report["artifacts"]["gguf_f16"]["top1_agreement"] >= 0.999
     reader = gguf.GGUFReader(tmp_path / "model-f16.gguf")
     model_field = reader.fields["tokenizer.ggml.model"]
@@ -202,11 +202,11 @@ def test_unsupported_architecture_is_refused_before_writing(llama_run, tmp_path,
 @pytest.mark.parametrize("stage, formats", [("merged", ["merged_fp16"]), ("nf4", ["nf4"]), ("gguf", ["gguf_q8_0"])])
 def test_failed_export_leaves_nothing_and_keeps_the_earlier_one(llama_run, tmp_path, monkeypatch, stage, formats):
     out = tmp_path / "export"
-    export(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
+    export(llama_run, formats, out_dir=out, eval_samples=2)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     monkeypatch.setenv("QTUNE_FAIL_EXPORT_AT", stage)
     with pytest.raises(RuntimeError, match="injected"):
-        export(llama_run, formats, out_dir=out, eval_samples=2, echo=lambda *_: None)
+        export(llama_run, formats, out_dir=out, eval_samples=2)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted([MARKER, LOCK])  # no staging left
@@ -215,7 +215,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_earlier_one(llama_run, tmp_p
 def test_not_enough_disk_is_refused_with_the_numbers(llama_run, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(QtuneError, match=r"needs about .* GiB, 0.00 GiB free") as info:
-        export(llama_run, ["merged_fp16"], out_dir=tmp_path / "out", echo=lambda *_: None)
+        export(llama_run, ["merged_fp16"], out_dir=tmp_path / "out")
     assert info.value.code == EXIT_ENVIRONMENT
     assert not (tmp_path / "out").exists()
 
@@ -230,7 +230,6 @@ def test_sharded_merge_has_an_index_and_loads(llama_run, tmp_path):
         dtype_name="float16",
         merge_base="dequantized",
         shard_bytes=200_000,
-        echo=lambda *_: None,
     )
     shards = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
@@ -255,31 +254,41 @@ def test_recipe_export_section_runs_after_training(tmp_path, tiny_llama, alpaca_
     assert report["artifacts"]["gguf_f16"]["top1_agreement"] >= 0.999
 
 
-def test_an_artifact_under_its_fidelity_floor_fails_the_export_and_is_kept_aside(llama_run, tmp_path, monkeypatch):
-    from qtune.errors import EXIT_FIDELITY
-    from qtune.export import run as export_run
+def floor_of(monkeypatch, fmt: str, floor: float) -> None:
+    """Gives format `fmt` another fidelity floor for one test."""
+    import dataclasses
 
-    monkeypatch.setattr(export_run, "FOUR_BIT_FLOOR", 1.01)  # no 4-bit artifact reaches it
+    from qtune.export.formats import FORMATS
+
+    monkeypatch.setitem(FORMATS, fmt, dataclasses.replace(FORMATS[fmt], fidelity_floor=floor))
+
+
+def test_an_artifact_under_its_fidelity_floor_fails_the_export_and_is_kept_aside(
+    llama_run, tmp_path, monkeypatch, capsys
+):
+    from qtune.core.errors import EXIT_FIDELITY
+
+    floor_of(monkeypatch, "nf4", 1.01)  # no 4-bit artifact reaches it
     out = tmp_path / "export"
-    lines = []
     with pytest.raises(QtuneError) as failure:
-        export(llama_run, ["merged_fp16", "nf4"], out_dir=out, eval_samples=4, echo=lines.append)
+        export(llama_run, ["merged_fp16", "nf4"], out_dir=out, eval_samples=4)
     assert failure.value.code == EXIT_FIDELITY
     assert "nf4 top-1" in failure.value.line() and "kept aside as nf4.bad" in failure.value.line()
-    assert any("merged_fp16" in line and "nf4" in line for line in lines)  # the table was printed
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("merged_fp16") for line in printed) and any(line.startswith("nf4") for line in printed)
     assert (out / "nf4.bad" / "config.json").is_file() and not (out / "nf4").exists()
     assert (out / "merged-fp16" / "config.json").is_file()  # the artifact that passed is where it belongs
     report = json.loads((out / "export_report.json").read_text())["artifacts"]
     assert report["nf4"]["rejected"] and report["nf4"]["path"].endswith("nf4.bad")
     assert "rejected" not in report["merged_fp16"]
     # a later export that passes replaces the rejected copy
-    monkeypatch.setattr(export_run, "FOUR_BIT_FLOOR", 0.0)
-    export(llama_run, ["nf4"], out_dir=out, eval_samples=4, echo=lambda *_: None)
+    floor_of(monkeypatch, "nf4", 0.0)
+    export(llama_run, ["nf4"], out_dir=out, eval_samples=4)
     assert (out / "nf4" / "config.json").is_file() and not (out / "nf4.bad").exists()
 
 
 def test_a_nan_artifact_fails_the_gate_whatever_its_agreement(tmp_path):
-    from qtune.export.run import fidelity_gate
+    from qtune.evaluation.fidelity import fidelity_gate
 
     artifact = tmp_path / "nf4"
     artifact.mkdir()
@@ -295,13 +304,11 @@ def test_llama3_rope_scaling_reaches_the_gguf(llama3_run, tmp_path):
     import gguf
     from transformers import AutoConfig
 
-    from qtune.export.gguf_family import extra_tensors
+    from qtune.export.formats.gguf.families import extra_tensors
 
-    export(llama3_run, ["gguf_f16"], out_dir=tmp_path, eval_samples=4, echo=lambda *_: None)
+    export(llama3_run, ["gguf_f16"], out_dir=tmp_path, eval_samples=4)
     reader = gguf.GGUFReader(tmp_path / "model-f16.gguf")
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
-    from qtune.run_dir import open_run
-
     expected = extra_tensors(AutoConfig.from_pretrained(open_run(llama3_run).recipe.model.name))
     factors = tensors["rope_freqs.weight"]
     assert factors.shape == (32 // 2,) and factors[0] == 1.0 and factors[-1] == 8.0  # head_dim 32: 16 frequencies
@@ -312,17 +319,17 @@ def test_a_mistral_gguf_has_no_sliding_window_and_the_gate_says_so(tmp_path_fact
     """llama.cpp runs Mistral as llama, without a sliding window (its converter does the same): past the window the
     GGUF attends further than the model. With a 48-token window the fidelity samples cross it and the gate rejects
     the GGUF (measured: top-1 97.9%); with Mistral v0.1's 4,096 they do not (test_every_format_round_trips...)."""
-    from conftest import SHORT_WINDOW, TINY_SHAPE, train_run
+    from helpers import SHORT_WINDOW, TINY_SHAPE, train_run
 
-    from qtune.errors import EXIT_FIDELITY
-    from qtune.tiny_models import write_tiny_model
+    from qtune.core.errors import EXIT_FIDELITY
+    from qtune.demo.tiny_models import write_tiny_model
 
     base = write_tiny_model(
         tmp_path / "mistral-48", "mistral", pretrain_steps=60, config_extra=SHORT_WINDOW, **TINY_SHAPE
     )
     run = train_run(tmp_path_factory, base, alpaca_file, "mistral-48-run")
     with pytest.raises(QtuneError) as failure:
-        export(run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path / "out", eval_samples=8, echo=lambda *_: None)
+        export(run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path / "out", eval_samples=8)
     assert failure.value.code == EXIT_FIDELITY and "gguf_f16 top-1" in failure.value.line()
     assert (tmp_path / "out" / "merged-fp16" / "config.json").is_file()  # the merged model is the model: it passes
 
@@ -330,16 +337,16 @@ def test_a_mistral_gguf_has_no_sliding_window_and_the_gate_says_so(tmp_path_fact
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
 def test_gemma_and_phi3_gguf_files_read_back_as_the_model(family, tmp_path):
     """Gemma's norms (llama.cpp multiplies by w, Gemma by 1 + w), soft-capping and sliding window, Phi-3's fused
-    projections: the GGUF read back is the model. transformers' reader needs qtune's correction for Gemma's query
-    scale (qtune.evaluate.gguf_config): without it this tiny Gemma's logits differ by 0.8."""
+    projections: the GGUF read back is the model. The loader builds the model from the merged model's config:
+    transformers' reader's own guess misses Gemma's query scale (this tiny Gemma's logits then differ by 0.8)."""
     import gguf
 
-    from qtune.evaluate import load_artifact
-    from qtune.export.gguf import write_gguf
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.evaluation.fidelity import load_artifact
+    from qtune.export.formats.gguf.writer import write_gguf
 
     model_dir = write_tiny_model(tmp_path / "model", family, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
-    path = write_gguf(model_dir, tmp_path / "model-f16.gguf", "F16", echo=lambda *_: None)
+    path = write_gguf(model_dir, tmp_path / "model-f16.gguf", "F16")
     reader = gguf.GGUFReader(path)
     arch = {"gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}[family]
     assert reader.fields["general.architecture"].contents() == arch
@@ -351,7 +358,7 @@ def test_gemma_and_phi3_gguf_files_read_back_as_the_model(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    read_back = load_artifact("gguf_f16", path, False, torch.float32).eval()
+    read_back = load_artifact("gguf_f16", path, config=merged_config(load_config(model_dir)), on_gpu=False).eval()
     ids = torch.tensor([list(range(3, 60))])
     with torch.no_grad():
         difference = (model(input_ids=ids).logits - read_back(input_ids=ids).logits).abs().max().item()
@@ -365,7 +372,8 @@ def test_gemma_and_phi3_gguf_files_read_back_as_the_model(family, tmp_path):
 def test_merged_into_the_original_weights_every_artifact_is_judged_as_4_bit(tmp_path):
     """Merged into the original weights, an exact merge differs from the trained model by the NF4 rounding the
     adapter was trained on (94% top-1 on the demo model): the gate must not reject it as a broken fp16 merge."""
-    from qtune.export.run import FOUR_BIT_FLOOR, fidelity_gate
+    from qtune.evaluation.fidelity import fidelity_gate
+    from qtune.export.formats import FOUR_BIT_FLOOR
 
     artifact = tmp_path / "merged-fp16"
     artifact.mkdir()
@@ -397,15 +405,15 @@ def test_phi3_longrope_writes_its_factors_and_other_rope_scalings_are_refused(tm
 
     import gguf
 
-    from qtune.export.gguf import write_gguf
-    from qtune.gguf_support import gguf_problem
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.export.formats.gguf.support import gguf_problem
+    from qtune.export.formats.gguf.writer import write_gguf
 
     longrope = {"type": "longrope", "long_factor": [1.0 + i / 2 for i in range(16)], "short_factor": [1.0] * 16}
     extra = dict(max_position_embeddings=128, original_max_position_embeddings=32, rope_scaling=longrope)
     shape = dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
     model_dir = write_tiny_model(tmp_path / "model", "phi3", config_extra=extra, **shape)
-    reader = gguf.GGUFReader(write_gguf(model_dir, tmp_path / "m.gguf", "F16", echo=lambda *_: None))
+    reader = gguf.GGUFReader(write_gguf(model_dir, tmp_path / "m.gguf", "F16"))
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
     assert np.allclose(tensors["rope_factors_long.weight"], longrope["long_factor"])
     assert np.allclose(tensors["rope_factors_short.weight"], 1.0)
@@ -413,13 +421,14 @@ def test_phi3_longrope_writes_its_factors_and_other_rope_scalings_are_refused(tm
     expected = math.sqrt(1 + math.log(128 / 32) / math.log(32))
     assert abs(reader.fields["phi3.rope.scaling.attn_factor"].contents() - expected) < 1e-6
     assert gguf_problem({"model_type": "phi3", "rope_scaling": longrope}) is None
-    # transformers' reader drops the factors (0.027 off on this model); qtune's fidelity run puts them back
+    # transformers' reader drops the factors (0.027 off on this model); the merged model's config has them
     from transformers import AutoModelForCausalLM
 
-    from qtune.evaluate import load_artifact
+    from qtune.evaluation.fidelity import load_artifact
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    read_back = load_artifact("gguf_f16", tmp_path / "m.gguf", False, torch.float32).eval()
+    config = merged_config(load_config(model_dir))
+    read_back = load_artifact("gguf_f16", tmp_path / "m.gguf", config=config, on_gpu=False).eval()
     for length in (20, 100):  # short and long factors
         ids = torch.tensor([list(range(3, 3 + length))])
         with torch.no_grad():

@@ -44,7 +44,7 @@ def test_families_whose_activations_overflow_fp16_get_bf16_artifacts():
     import torch
     from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-    from qtune.model import half_dtype
+    from qtune.modeling.precision import half_dtype
 
     assert half_dtype(Gemma2Config()) == half_dtype(Gemma3TextConfig()) == torch.bfloat16
     assert half_dtype(LlamaConfig()) == half_dtype(Qwen2Config()) == torch.float16
@@ -67,18 +67,16 @@ def family_lora_models(name: str, tokenizer):
     it, qtune's with the attention kernel qtune picks for the family and the lean ops on."""
     import copy
 
-    import conftest
+    import helpers
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qtune.lean_ops import use_lean_ops
-    from qtune.model import attention_implementation
-    from qtune.tiny_models import build_model
+    from qtune.demo.tiny_models import build_model
+    from qtune.modeling.lean_ops import use_lean_ops
+    from qtune.modeling.load import attention_implementation
 
     family, extra = FAMILY_CASES[name]
-    base = build_model(
-        family, tokenizer, **conftest.TINY_SHAPE, config_extra=getattr(conftest, extra) if extra else None
-    )
+    base = build_model(family, tokenizer, **helpers.TINY_SHAPE, config_extra=getattr(helpers, extra) if extra else None)
     if family == "gemma2":
         # Gemma 2 caps at 30; a random tiny model's logits are near 0.01, so cap where that changes them
         base.config.final_logit_softcapping = 0.02
@@ -95,10 +93,10 @@ def family_lora_models(name: str, tokenizer):
 def speed_path_against_plain(name: str, tokenizer, *, softcap: bool = True):
     """(loss, LoRA gradients) of qtune's speed path on one packed micro-batch, and the per-sample reference."""
     import torch
-    from test_speed import lora_grads, per_sample_reference
+    from helpers import lora_grads, per_sample_reference
 
-    from qtune import loss as loss_stage
-    from qtune.batching import IGNORE, PackedCollator
+    from qtune.data.packing import IGNORE, PackedCollator
+    from qtune.modeling import loss as loss_stage
 
     generator = torch.Generator().manual_seed(1)
     samples = []
@@ -127,14 +125,14 @@ def test_the_speed_path_equals_the_plain_computation_per_family(name, tiny_token
     """Packed rows (block-diagonal through position ids, for each family's attention kernel, sliding window
     included), the lean RMSNorm / SwiGLU, and the supervised-only loss (with Gemma 2's logit soft-capping), against
     each sample run alone through the plain model: the same loss and LoRA gradients."""
-    from test_speed import assert_close
+    from helpers import assert_close
 
     loss, grads, reference = speed_path_against_plain(name, tiny_tokenizer)
     assert_close(loss, grads, reference)
 
 
 def test_the_control_a_fused_loss_without_gemma2s_soft_capping_differs(tiny_tokenizer):
-    from test_speed import assert_close
+    from helpers import assert_close
 
     loss, grads, reference = speed_path_against_plain("gemma2", tiny_tokenizer, softcap=False)
     with pytest.raises(AssertionError):

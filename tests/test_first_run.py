@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
 # Lines the libraries print that a user cannot act on (each one was seen in a `qtune train` of the demo).
 LIBRARY_NOISE = (
@@ -48,7 +48,7 @@ def test_a_training_run_prints_qtune_lines_and_no_library_noise(tmp_path, tiny_l
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_a_preference_run_prints_qtune_lines_and_no_library_noise(tmp_path, tiny_llama, method):
-    from qtune.tiny_models import write_demo_data
+    from qtune.demo.tiny_models import write_demo_data
 
     pairs = write_demo_data(tmp_path / "pairs.jsonl", count=40, preference=True)
     raw = recipe_dict(tiny_llama, pairs, tmp_path / "run", fmt="preference", train={"max_steps": 2, "method": method})
@@ -60,11 +60,11 @@ def test_a_preference_run_prints_qtune_lines_and_no_library_noise(tmp_path, tiny
 
 
 def test_generate_builds_the_alpaca_prompt_with_its_input_exactly_as_training_did(tmp_path, tiny_llama, alpaca_file):
-    from qtune.chat import build_prompt
-    from qtune.data import build
-    from qtune.model import load_tokenizer
-    from qtune.recipe import validate_recipe
-    from qtune.tiny_models import demo_rows
+    from qtune.config.recipe import validate_recipe
+    from qtune.data.sft import build
+    from qtune.demo.tiny_models import demo_rows
+    from qtune.modeling.load import load_tokenizer
+    from qtune.publish.chat import build_prompt
 
     row = demo_rows(1, seed=3)[0]
     data = tmp_path / "one.jsonl"
@@ -84,13 +84,14 @@ def test_generate_builds_the_alpaca_prompt_with_its_input_exactly_as_training_di
 def test_chat_input_command_feeds_the_next_instruction_only(monkeypatch, tiny_tokenizer):
     import io
 
-    from qtune import chat
+    from qtune.modeling.generation import Reply
+    from qtune.publish import chat
 
     prompts = []
 
     def generate_recording_the_prompt(model, tokenizer, prompt, **_):
         prompts.append(tokenizer.decode(prompt))
-        return chat.Reply(text="ok", finish_reason="stop", new_tokens=1)
+        return Reply(text="ok", finish_reason="stop", new_tokens=1)
 
     monkeypatch.setattr(chat, "generate", generate_recording_the_prompt)
     out = io.StringIO()
@@ -128,16 +129,16 @@ def test_make_tiny_model_says_what_it_does(tmp_path):
     ("cores", "busy", "threads"), [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.9, 1), (2, 5.0, 1), (16, 3.2, 13)]
 )
 def test_threads_follow_the_free_cores(cores, busy, threads):
-    from qtune.cpu_threads import choose_threads
+    from qtune.core.cpu_threads import choose_threads
 
     assert choose_threads(cores, busy) == threads
 
 
-def test_a_busy_machine_is_said_and_the_thread_pool_follows_it(monkeypatch):
+def test_a_busy_machine_is_said_and_the_thread_pool_follows_it(monkeypatch, capsys):
     """Before training and while it runs: neighbours take cores, qtune trains on the rest; they leave, it takes all."""
     import torch
 
-    from qtune import cpu_threads
+    from qtune.core import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(cpu_threads.SETTING, raising=False)
@@ -145,17 +146,20 @@ def test_a_busy_machine_is_said_and_the_thread_pool_follows_it(monkeypatch):
     load = iter([0.0, 3.0, 0.0])  # the priming call, three cores busy elsewhere, then none
     monkeypatch.setattr(cpu_threads.FreeCoreThreads, "busy_elsewhere", lambda self: next(load, 0.0))
     before = torch.get_num_threads()
-    said = []
+
+    def last_line() -> str:
+        return capsys.readouterr().out.splitlines()[-1]
+
     try:
-        threads = cpu_threads.FreeCoreThreads(said.append, recheck_seconds=0.0)
+        threads = cpu_threads.FreeCoreThreads(recheck_seconds=0.0)
         assert threads.start(sample_seconds=0) == 1 and torch.get_num_threads() == 1
-        assert said[-1].startswith("cpu: other processes keep 3.0 of 4 cores busy; training on 1 thread")
+        assert last_line().startswith("cpu: other processes keep 3.0 of 4 cores busy; training on 1 thread")
         threads.recheck()
-        assert torch.get_num_threads() == 4 and said[-1].startswith("cpu: the other processes are gone")
+        assert torch.get_num_threads() == 4 and last_line().startswith("cpu: the other processes are gone")
         monkeypatch.setenv(cpu_threads.SETTING, "all")
-        assert cpu_threads.FreeCoreThreads(said.append).start(sample_seconds=0) is None
+        assert cpu_threads.FreeCoreThreads().start(sample_seconds=0) is None
         monkeypatch.setenv(cpu_threads.SETTING, "3")
-        assert cpu_threads.FreeCoreThreads(said.append).start(sample_seconds=0) == 3 and torch.get_num_threads() == 3
+        assert cpu_threads.FreeCoreThreads().start(sample_seconds=0) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
-from qtune.checkpoints import MANIFEST
-from qtune.errors import RecipeError
-from qtune.run_dir import LOCK, MARKER, FolderLock, claimed_run, is_run
+from qtune.core.checkpoints import MANIFEST
+from qtune.core.errors import RecipeError
+from qtune.core.folders import LOCK, MARKER, FolderLock, claimed_run, is_run
 
 RECIPE = 2
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
-from qtune.checkpoints import MANIFEST
-from qtune.errors import EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_RECIPE
+from qtune.core.checkpoints import MANIFEST
+from qtune.core.errors import EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_RECIPE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -90,8 +90,8 @@ def prequantized_base(tmp_path_factory, pretrained_llama):
 
 
 def test_a_base_saved_in_4bit_trains_and_merges_into_its_own_weights(tmp_path, prequantized_base, alpaca_file, run_cli):
-    from qtune import model as model_stage
-    from qtune.recipe import ModelSection, QuantSection
+    from qtune.config.recipe import ModelSection, QuantSection
+    from qtune.modeling import load as model_stage
 
     base = model_stage.load_base(ModelSection(name=str(prequantized_base)), QuantSection(), torch.float32)
     import bitsandbytes as bnb
@@ -126,8 +126,8 @@ def test_a_base_saved_in_another_4bit_type_is_named(tmp_path, prequantized_base,
 
 def test_frozen_weights_stay_in_the_compute_dtype(pretrained_llama):
     """peft's prepare_model_for_kbit_training upcasts embeddings, lm_head and norms to fp32; qtune does not."""
-    from qtune import model as model_stage
-    from qtune.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.config.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.modeling import load as model_stage
 
     base = model_stage.load_base(ModelSection(name=str(pretrained_llama)), QuantSection(), torch.bfloat16)
     model = model_stage.attach_lora(base, LoraSection(r=4, alpha=8), gradient_checkpointing=True)
@@ -143,7 +143,7 @@ def test_frozen_weights_stay_in_the_compute_dtype(pretrained_llama):
 def test_a_source_tree_that_is_not_installed_still_marks_its_folders(tmp_path, monkeypatch):
     import importlib.metadata
 
-    from qtune.run_dir import MARKER, write_marker
+    from qtune.core.folders import MARKER, write_marker
 
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
 RECIPE, DATA, ENVIRONMENT, INTEGRITY = 2, 3, 4, 5
 

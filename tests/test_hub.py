@@ -6,24 +6,8 @@ import shutil
 
 import pytest
 import yaml
-from conftest import recipe_dict, write_recipe
-from hub_server import READ_ONLY_TOKEN, FakeHub
-
-CANARY = "hf_CANARYtoken1234567890abcdefXYZ"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", CANARY)
-        # The suite runs offline (conftest); these tests talk to 127.0.0.1 only.
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        yield server
+from helpers import CANARY, assert_canary_absent, recipe_dict, write_recipe
+from hub_server import READ_ONLY_TOKEN
 
 
 def card_metadata(text: str) -> dict:
@@ -58,20 +42,6 @@ def test_push_adapter_and_gguf(hub, llama_run, tmp_path, run_cli):
 
 def export_base(run):
     return yaml.safe_load((run / "recipe.yaml").read_text())["model"]["name"]
-
-
-def assert_canary_absent(hub, folders):
-    """The token may travel only in the Authorization header, and never be written to disk."""
-    for request in hub.requests:
-        assert CANARY.encode() not in request["body"], request["path"]
-        assert all(CANARY not in v for k, v in request["headers"].items() if k.lower() != "authorization")
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                assert CANARY.encode() not in path.read_bytes(), path
-    assert any(
-        {k.lower(): v for k, v in r["headers"].items()}.get("authorization") == f"Bearer {CANARY}" for r in hub.requests
-    )
 
 
 def test_public_only_when_asked(hub, llama_run, run_cli):

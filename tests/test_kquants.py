@@ -7,10 +7,10 @@ import json
 import gguf
 import numpy as np
 import pytest
-from conftest import train_run
+from helpers import train_run
 
-from qtune.export.gguf_types import more_bits, tensor_types
-from qtune.export.kquants import BLOCK_BYTES, quantize_k
+from qtune.export.formats.gguf.kquants import BLOCK_BYTES, quantize_k
+from qtune.export.formats.gguf.tensor_types import more_bits, tensor_types
 
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
@@ -139,7 +139,7 @@ def test_formats_and_fallbacks_for_rows_that_do_not_fit():
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory, alpaca_file):
     """A run on a pretrained Llama 256 wide, so every matrix takes the k-quant itself rather than a fallback."""
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
 
     base = write_tiny_model(
         tmp_path_factory.mktemp("models") / "wide", "llama", pretrain_steps=40, hidden=256, intermediate=512, layers=4

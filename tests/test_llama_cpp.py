@@ -7,8 +7,8 @@ Slow and needs llama-cpp-python, a source package that builds for ~8 minutes on 
 import numpy as np
 import pytest
 
+from qtune.evaluation.metrics import DECISIVE_MARGIN
 from qtune.export.run import export
-from qtune.metrics import DECISIVE_MARGIN
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,6 @@ def exported(request, tmp_path_factory):
         ["merged_fp16", "gguf_f16", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"],
         out_dir=out,
         eval_samples=2,
-        echo=lambda *_: None,
     )
     return out
 
@@ -84,7 +83,7 @@ def test_llama_cpp_follows_llama3_rope_scaling_past_the_original_context(llama3_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    export(llama3_run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path, eval_samples=2, echo=lambda *_: None)
+    export(llama3_run, ["merged_fp16", "gguf_f16"], out_dir=tmp_path, eval_samples=2)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged-fp16")
     ids = tokenizer(" ".join(["the river is green and blue"] * 30)).input_ids[:160]
     assert len(ids) == 160
@@ -113,7 +112,7 @@ def llama_cpp_reference_quantizer(kind: str):
     function = getattr(library, f"quantize_row_{kind[:2].lower()}_K_ref")
 
     def quantize(values: np.ndarray) -> np.ndarray:
-        from qtune.export.kquants import BLOCK_BYTES
+        from qtune.export.formats.gguf.kquants import BLOCK_BYTES
 
         values = np.ascontiguousarray(values, dtype=np.float32)
         out = np.zeros(values.size // 256 * BLOCK_BYTES[kind], dtype=np.uint8)
@@ -131,7 +130,7 @@ def test_k_quant_blocks_match_llama_cpp(kind):
     another order), and the same reconstruction error, on Gaussian and heavy-tailed (Student t, 3) weights."""
     import gguf
 
-    from qtune.export.kquants import quantize_k
+    from qtune.export.formats.gguf.kquants import quantize_k
 
     reference = llama_cpp_reference_quantizer(kind)
     ggml_type = getattr(gguf.GGMLQuantizationType, kind)
@@ -158,16 +157,16 @@ def test_k_quant_files_match_llama_cpp_quantizer(tmp_path):
     import gguf
     import llama_cpp
 
-    from qtune.export.gguf import write_gguf
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.export.formats.gguf.writer import write_gguf
 
     model = write_tiny_model(tmp_path / "model", "llama", layers=10, hidden=256, intermediate=512, pretrain_steps=20)
-    write_gguf(model, tmp_path / "f16.gguf", "F16", echo=lambda *_: None)
+    write_gguf(model, tmp_path / "f16.gguf", "F16")
     original = {t.name: t for t in gguf.GGUFReader(tmp_path / "f16.gguf").tensors}
     ids = list(range(2, 60))
     for mix, file_type in (("Q4_K_M", 15), ("Q5_K_M", 17), ("Q6_K", 18)):
         ours, theirs = tmp_path / f"qtune-{mix}.gguf", tmp_path / f"llama-{mix}.gguf"
-        write_gguf(model, ours, mix, echo=lambda *_: None)
+        write_gguf(model, ours, mix)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = file_type
         assert (
@@ -208,8 +207,8 @@ def test_llama_cpp_runs_the_gemma_and_phi3_files_as_transformers_does(family, tm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.export.gguf import write_gguf
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.export.formats.gguf.writer import write_gguf
 
     # the folder name becomes the file's general.name; llama.cpp special-cases models named "phi3"
     model_dir = write_tiny_model(tmp_path / "m", family, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
@@ -219,7 +218,7 @@ def test_llama_cpp_runs_the_gemma_and_phi3_files_as_transformers_does(family, tm
     with torch.no_grad():
         reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     for quant, tolerance in (("F16", 0.01), ("Q8_0", 0.1)):
-        path = write_gguf(model_dir, tmp_path / f"model-{quant}.gguf", quant, echo=lambda *_: None)
+        path = write_gguf(model_dir, tmp_path / f"model-{quant}.gguf", quant)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
         assert llm.tokenize(tokenizer.decode(ids[1:]).encode(), add_bos=True, special=True) == ids
         llm.eval(ids)
@@ -240,11 +239,11 @@ def test_a_gemma3_gguf_matches_llama_cpps_own_conversion():
     import llama_cpp
     from gemma import CACHE, gemma_base
 
-    from qtune.export.gguf import write_gguf
+    from qtune.export.formats.gguf.writer import write_gguf
 
     base = gemma_base()
     reference_path = next((CACHE / "gemma3-270m-gguf").glob("*.gguf"))
-    ours_path = write_gguf(base, CACHE / "qtune-gemma3-270m-q4_k_m.gguf", "Q4_K_M", echo=lambda *_: None)
+    ours_path = write_gguf(base, CACHE / "qtune-gemma3-270m-q4_k_m.gguf", "Q4_K_M")
     reference, ours = gguf.GGUFReader(reference_path), gguf.GGUFReader(ours_path)
     theirs = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reference.tensors}
     mine = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in ours.tensors}
@@ -284,14 +283,14 @@ def test_llama_cpp_runs_phi3_longrope_past_the_original_context(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qtune.export.gguf import write_gguf
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.export.formats.gguf.writer import write_gguf
 
     longrope = {"type": "longrope", "long_factor": [1.0 + i / 2 for i in range(16)], "short_factor": [1.0] * 16}
     extra = dict(max_position_embeddings=128, original_max_position_embeddings=32, rope_scaling=longrope)
     shape = dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
     model_dir = write_tiny_model(tmp_path / "m", "phi3", pretrain_steps=20, config_extra=extra, **shape)
-    path = write_gguf(model_dir, tmp_path / "m.gguf", "F16", echo=lambda *_: None)
+    path = write_gguf(model_dir, tmp_path / "m.gguf", "F16")
     ids = [0] + list(range(5, 104))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():

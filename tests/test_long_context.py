@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from qtune.batching import IGNORE
+from qtune.data.packing import IGNORE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -28,8 +28,8 @@ LLAMA_31_8B = {
 @pytest.fixture(scope="module")
 def checkpointed_lora_model(pretrained_llama):
     """The 4-bit base with LoRA as qtune trains it, gradient checkpointing on (fp32 compute on CPU)."""
-    from qtune import model as model_stage
-    from qtune.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.config.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.modeling import load as model_stage
 
     base = model_stage.load_base(ModelSection(name=str(pretrained_llama)), QuantSection(), torch.float32)
     torch.manual_seed(0)
@@ -46,8 +46,8 @@ def lora_grads(model) -> dict:
 
 
 def test_offloaded_activations_give_the_same_loss_and_gradients(checkpointed_lora_model):
-    from qtune.loss import last_hidden_state, supervised_loss_sum
-    from qtune.offload import ActivationsToCPU
+    from qtune.modeling.loss import last_hidden_state, supervised_loss_sum
+    from qtune.modeling.offload import ActivationsToCPU
 
     model = checkpointed_lora_model
     generator = torch.Generator().manual_seed(3)
@@ -77,7 +77,7 @@ def test_offloaded_activations_give_the_same_loss_and_gradients(checkpointed_lor
 
 def test_the_trainer_offloads_inside_its_row_by_row_step(checkpointed_lora_model, tiny_tokenizer, tmp_path):
     """QtuneSFTTrainer.training_step (rows > 1) wraps every row's forward and backward in the offload hooks."""
-    from test_speed import qtune_trainer
+    from helpers import qtune_trainer
 
     generator = torch.Generator().manual_seed(5)
     samples = []
@@ -110,7 +110,7 @@ def test_the_trainer_offloads_inside_its_row_by_row_step(checkpointed_lora_model
 
 
 def llama_8b_recipe(tmp_path, **train):
-    from qtune.recipe import validate_recipe
+    from qtune.config.recipe import validate_recipe
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
     raw = {
@@ -123,8 +123,8 @@ def llama_8b_recipe(tmp_path, **train):
 
 
 def test_plan_offloading_arithmetic(tmp_path):
-    from qtune.memory import load_config
-    from qtune.plan import (
+    from qtune.modeling.config import load_config
+    from qtune.planning.plan import (
         activation_bytes_per_token_per_layer,
         backward_transient_bytes_per_token,
         largest_max_length,
@@ -154,13 +154,13 @@ def test_plan_offloading_arithmetic(tmp_path):
 
 
 def test_auto_offloads_only_when_checkpointing_alone_does_not_fit(tmp_path):
-    from qtune.plan import plan_training
+    from qtune.planning.plan import plan_training
 
     raw, recipe = llama_8b_recipe(tmp_path)  # both auto
     assert plan_training(recipe, gpu_gib=80.0)["offload_activations"] is False  # an A100-80GB: checkpointing suffices
     on_t4 = plan_training(recipe, gpu_gib=15.0)
     assert on_t4["gradient_checkpointing"] and on_t4["offload_activations"]
-    from qtune.recipe import validate_recipe
+    from qtune.config.recipe import validate_recipe
 
     short = validate_recipe(dict(raw, data=dict(raw["data"], max_length=512)))
     assert not plan_training(short, gpu_gib=15.0)["offload_activations"]
@@ -197,11 +197,11 @@ def test_qtune_plan_reports_the_longest_context_per_gpu(tmp_path, run_cli):
 def test_plan_counts_what_autograd_keeps_per_layer(tmp_path, dtype, dropout):
     """The plan's bytes per token and layer against the tensors autograd really saves in one decoder layer (each
     storage counted once), in fp32 and under bf16 autocast as on a GPU, the way qtune trains (LoRA inputs not cast)."""
-    from qtune import model as model_stage
-    from qtune.lean_ops import lora_inputs_stay_in_compute_dtype
-    from qtune.plan import activation_bytes_per_token_per_layer, training_shape
-    from qtune.recipe import LoraSection, ModelSection, QuantSection
-    from qtune.tiny_models import write_tiny_model
+    from qtune.config.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.modeling import load as model_stage
+    from qtune.modeling.lean_ops import lora_inputs_stay_in_compute_dtype
+    from qtune.planning.plan import activation_bytes_per_token_per_layer, training_shape
 
     folder = write_tiny_model(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
     base = model_stage.load_base(ModelSection(name=str(folder)), QuantSection(), dtype)
@@ -235,7 +235,7 @@ def test_lean_norm_and_swiglu_equal_transformers(dtype):
     """The same forward arithmetic, bit for bit; gradients to rounding (the lean backward sums in another order)."""
     from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP, LlamaRMSNorm
 
-    from qtune.lean_ops import use_lean_ops
+    from qtune.modeling.lean_ops import use_lean_ops
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=192, rms_norm_eps=1e-5)
@@ -260,9 +260,9 @@ def test_lean_norm_and_swiglu_equal_transformers(dtype):
 
 
 def test_lean_ops_give_the_loss_and_lora_gradients_of_the_plain_model(pretrained_llama):
-    from qtune import model as model_stage
-    from qtune.lean_ops import use_lean_ops
-    from qtune.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.config.recipe import LoraSection, ModelSection, QuantSection
+    from qtune.modeling import load as model_stage
+    from qtune.modeling.lean_ops import use_lean_ops
 
     def lora_model(lean: bool):
         base = model_stage.load_base(ModelSection(name=str(pretrained_llama)), QuantSection(), torch.float32)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from qtune import model as model_stage
-from qtune.errors import EXIT_ENVIRONMENT, QtuneError, RecipeError
-from qtune.recipe import LoraSection, ModelSection, QuantSection
+from qtune.config.recipe import LoraSection, ModelSection, QuantSection
+from qtune.core.errors import EXIT_ENVIRONMENT, QtuneError, RecipeError
+from qtune.modeling import load as model_stage
+from qtune.modeling.precision import resolve_compute_dtype
 
 LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -25,12 +26,12 @@ LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 )
 def test_auto_compute_dtype(cuda, capability, expected):
     # A T4 is sm_75: torch.cuda.is_bf16_supported() says yes there (emulation), auto must say fp16.
-    assert model_stage.resolve_compute_dtype("auto", cuda_available=cuda, capability=capability) == expected
+    assert resolve_compute_dtype("auto", cuda_available=cuda, capability=capability) == expected
 
 
 def test_explicit_fp16_on_cpu_is_refused():
     with pytest.raises(RecipeError, match="fp16 needs a GPU"):
-        model_stage.resolve_compute_dtype("fp16", cuda_available=False)
+        resolve_compute_dtype("fp16", cuda_available=False)
 
 
 def test_pad_token_is_distinct_from_eos(tiny_llama):
@@ -70,20 +71,53 @@ def test_base_loads_every_linear_in_4bit(tiny_llama, quant_type):
 
 def test_lora_targets_all_linear_and_checks_names(tiny_llama):
     base = model_stage.load_base(ModelSection(name=str(tiny_llama)), QuantSection(), torch.float32)
-    config = model_stage.build_lora_config(LoraSection(), base)
-    assert sorted(config.target_modules) == [
-        "down_proj",
-        "gate_proj",
-        "k_proj",
-        "o_proj",
-        "q_proj",
-        "up_proj",
-        "v_proj",
-    ]
+    assert model_stage.build_lora_config(LoraSection(), base).target_modules == "all-linear"  # peft expands it
     with pytest.raises(RecipeError, match=r"\['qkv_proj'\] match no layer.*q_proj"):
         model_stage.build_lora_config(LoraSection(target_modules=["q_proj", "qkv_proj"]), base)
     rs = model_stage.build_lora_config(LoraSection(use_rslora=True, use_dora=True, target_modules=["q_proj"]), base)
     assert rs.use_rslora and rs.use_dora and rs.target_modules == {"q_proj"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3"])
+def test_peft_all_linear_adapts_the_layers_qtune_did_and_starts_from_the_same_adapter(tmp_path, family):
+    """all-linear is peft's now; before, qtune listed every linear layer but the output head itself. The layers adapted
+    and the initial adapter (the same random draws, in the same order) are what they were, so a run's numbers are."""
+    from helpers import TINY_SHAPE
+
+    from qtune.demo.tiny_models import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / family, family, **TINY_SHAPE)
+
+    def adapted(targets):
+        base = model_stage.load_base(ModelSection(name=str(model_dir)), QuantSection(), torch.float32)
+        hand_listed = model_stage.linear_module_names(base)  # qtune's own rule, as it was
+        torch.manual_seed(0)
+        model = model_stage.attach_lora(
+            base, LoraSection(target_modules=targets or hand_listed), gradient_checkpointing=False
+        )
+        weights = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+        return hand_listed, weights
+
+    hand_listed, by_hand = adapted(None)
+    _, by_peft = adapted("all-linear")
+    assert by_peft.keys() == by_hand.keys() and len(by_hand) > 0
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in by_peft} == set(hand_listed)
+    assert all(torch.equal(by_peft[name], by_hand[name]) for name in by_hand)
+
+
+def test_training_mode_keeps_qtune_s_ops(tiny_llama):
+    """transformers 5.25 re-kernelizes a model whenever it switches to training mode (with the `kernels` package,
+    which it installs), resetting each module's forward: qtune's lean RMSNorm and SwiGLU were silently gone in every
+    training step. They must survive model.train(), which the Trainer calls before each step."""
+    base = model_stage.load_base(ModelSection(name=str(tiny_llama)), QuantSection(), torch.float32)
+    model = model_stage.attach_lora(base, LoraSection(dropout=0.1), gradient_checkpointing=False)
+    model.train()
+    model.eval()
+    model.train()
+    layer = base.model.layers[0]
+    assert layer.input_layernorm.forward.__func__.__name__ == "_lean_norm_forward"
+    assert layer.mlp.forward.__func__.__name__ == "_lean_mlp_forward"
+    assert layer.self_attn.q_proj.lora_A["default"].forward.__func__.__name__ == "_dropout_then_linear"
 
 
 @pytest.fixture
@@ -167,7 +201,7 @@ def test_a_one_token_row_trains_with_exact_gradients(tiny_llama, cpu_with_avx512
 def test_the_attention_kernel_is_chosen_per_family():
     from transformers import Gemma2Config, LlamaConfig
 
-    from qtune.errors import RecipeError
+    from qtune.core.errors import RecipeError
 
     assert model_stage.attention_implementation(LlamaConfig(), "auto") == "sdpa"
     assert model_stage.attention_implementation(Gemma2Config(), "auto") == "eager"  # soft-capped attention logits
@@ -178,9 +212,9 @@ def test_the_attention_kernel_is_chosen_per_family():
 
 def test_gemma2_loads_and_trains(tmp_path, alpaca_file, run_cli):
     """It did not load at all: transformers refuses Gemma 2 with SDPA, and qtune asked for SDPA."""
-    from conftest import TINY_SHAPE, recipe_dict, write_recipe
+    from helpers import TINY_SHAPE, recipe_dict, write_recipe
 
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
 
     # a Gemma 2 whose query scale is not its head size: llama.cpp would scale its queries differently
     base = write_tiny_model(tmp_path / "gemma2", "gemma2", **TINY_SHAPE)
@@ -193,9 +227,9 @@ def test_gemma2_loads_and_trains(tmp_path, alpaca_file, run_cli):
 
 
 def test_an_export_format_the_architecture_lacks_is_refused_before_training(tmp_path, alpaca_file, run_cli):
-    from conftest import TINY_SHAPE, recipe_dict, write_recipe
+    from helpers import TINY_SHAPE, recipe_dict, write_recipe
 
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.tiny_models import write_tiny_model
 
     # a Gemma 2 whose query scale is not its head size: llama.cpp would scale its queries differently
     base = write_tiny_model(tmp_path / "gemma2", "gemma2", **TINY_SHAPE)

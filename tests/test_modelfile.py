@@ -6,7 +6,7 @@ import copy
 import pytest
 from go_template import render
 
-from qtune.export.gguf import ollama_modelfile
+from qtune.export.formats.gguf.writer import ollama_modelfile
 
 # The published chat templates (tool-calling branches left out), as the tokenizers of these families carry them
 CHAT_TEMPLATES = {

@@ -10,16 +10,15 @@ import re
 
 import pytest
 import torch
-from conftest import recipe_dict, write_jsonl, write_recipe
-from test_hub import hub  # noqa: F401  (the local stand-in of the Hub, a fixture)
+from helpers import recipe_dict, write_jsonl, write_recipe
 
-from qtune.errors import DataError, RecipeError
-from qtune.recipe import DataSection, validate_recipe
+from qtune.config.recipe import DataSection, validate_recipe
+from qtune.core.errors import DataError, RecipeError
 
 
 def vocabulary_pairs(count: int, seed: int = 0) -> list[dict]:
-    from qtune.data import alpaca_prompt
-    from qtune.tiny_models import WORDS
+    from qtune.data.templates import alpaca_prompt
+    from qtune.demo.tiny_models import WORDS
 
     rng = random.Random(seed)
     words = sorted(set(WORDS))
@@ -96,7 +95,7 @@ def test_a_changed_beta_is_a_changed_recipe_for_resume():
 
 
 def build(tmp_path, rows, tokenizer, **data):
-    from qtune.preference import build_pairs
+    from qtune.data.pairs import build as build_pairs
 
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     section = DataSection(datasets=[{"path": str(path), "format": "preference"}], val_size=0, **data)
@@ -171,7 +170,7 @@ def test_the_conversation_layouts_of_hub_preference_sets_give_the_same_tokens(tm
     ],
 )
 def test_a_bad_row_is_refused_with_its_row_and_line_number(tmp_path, tiny_tokenizer, row, message):
-    from qtune.preference import build_pairs
+    from qtune.data.pairs import build as build_pairs
 
     good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
     path = tmp_path / "pairs.jsonl"
@@ -262,7 +261,7 @@ def test_the_progress_line_shows_the_reward_accuracy(tmp_path, pretrained_llama,
     assert code == 0, err
     assert "train: orpo, ORPO: no reference model" in out
     assert "step 0: eval_loss" in err + out and "reward accuracy" in err + out
-    assert "(orpo); reward accuracy" in out
+    assert "validation reward accuracy before -> after:" in out  # the closing line
 
 
 def test_dpo_continues_an_sft_adapter_and_takes_it_as_its_reference(tmp_path, llama_run, preference_runs, pairs_file):
@@ -316,16 +315,16 @@ def test_an_adapter_of_another_base_is_refused_before_anything_loads(
 def test_one_pair_at_a_time_gives_the_batched_gradients(tmp_path, pretrained_llama, method, settings):
     """The lean path (backward pair by pair, each pair cut to its own length) against trl's own batched step. With
     trl's "sft" term (a mean over the batch's tokens) qtune runs the batched step itself."""
-    from qtune.recipe import load_recipe
-    from qtune.tiny_models import write_demo_data
+    from qtune.config.recipe import load_recipe
+    from qtune.demo.tiny_models import write_demo_data
+    from qtune.training.methods.base_trainer import QtuneTrainerMixin
     from qtune.training.run import prepare
-    from qtune.training.trainer import QtuneTrainerMixin
 
     pairs = write_demo_data(tmp_path / "demo-pairs.jsonl", count=40, preference=True)  # answers of many lengths
     raw = preference_recipe(pretrained_llama, pairs, tmp_path / "run", method, **{method: settings})
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw))
     (tmp_path / "run").mkdir()
-    trainer = prepare(recipe, tmp_path / "run", resume=False, echo=lambda *_: None).trainer
+    trainer = prepare(recipe, tmp_path / "run", resume=False).trainer
     assert trainer.pair_by_pair == ("sft" not in settings.get("loss_type", []))
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
@@ -342,20 +341,23 @@ def test_one_pair_at_a_time_gives_the_batched_gradients(tmp_path, pretrained_lla
     plain_loss, plain = gradients(lambda model, inputs: QtuneTrainerMixin.micro_batch_step(trainer, model, inputs))
     assert torch.allclose(lean_loss, plain_loss, rtol=1e-5, atol=1e-7)
     for name in plain:
-        assert torch.allclose(lean[name], plain[name], rtol=1e-4, atol=1e-8), name
+        # the two paths add the same terms in another order: elements near zero differ by float32 rounding of the
+        # tensor's scale (up to 2e-6 of it measured on an AMD EPYC), which an absolute 1e-8 failed on
+        atol = 1e-5 * plain[name].abs().max().item()
+        assert torch.allclose(lean[name], plain[name], rtol=1e-4, atol=atol), name
 
 
 def test_orpo_loss_equals_the_paper_computed_from_full_logits(tmp_path, pretrained_llama, pairs_file):
     """qtune's ORPO (trl's fused head, answer positions only) against the loss from the model's plain logits."""
     import torch.nn.functional as F
 
-    from qtune.recipe import load_recipe
+    from qtune.config.recipe import load_recipe
     from qtune.training.run import prepare
 
     raw = preference_recipe(pretrained_llama, pairs_file, tmp_path / "run", "orpo", orpo={"beta": 0.5})
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw))
     (tmp_path / "run").mkdir()
-    trainer = prepare(recipe, tmp_path / "run", resume=False, echo=lambda *_: None).trainer
+    trainer = prepare(recipe, tmp_path / "run", resume=False).trainer
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
     with torch.no_grad():
@@ -373,7 +375,7 @@ def test_orpo_loss_equals_the_paper_computed_from_full_logits(tmp_path, pretrain
 
 
 def test_the_plan_counts_both_sequences_of_a_pair(tmp_path, pretrained_llama, pairs_file):
-    from qtune.plan import plan_training
+    from qtune.planning.plan import plan_training
 
     sft = validate_recipe(recipe_dict(pretrained_llama, pairs_file, tmp_path / "a"))
     dpo = validate_recipe(preference_recipe(pretrained_llama, pairs_file, tmp_path / "b", data={"max_length": 128}))
@@ -397,8 +399,8 @@ def test_the_plan_counts_both_sequences_of_a_pair(tmp_path, pretrained_llama, pa
 
 
 def test_a_preference_run_exports_and_its_card_says_the_method_and_data(preference_runs, run_cli):
-    from qtune.chat import load_for_generation
-    from qtune.hub import model_card
+    from qtune.publish.chat import load_for_generation
+    from qtune.publish.model_card import model_card
 
     run = preference_runs["dpo"]
     code, out, err = run_cli("export", run, "--format", "merged_fp16", "--format", "nf4", "--format", "gguf_q8_0")
@@ -429,7 +431,7 @@ def test_a_preference_run_exports_and_its_card_says_the_method_and_data(preferen
 @pytest.fixture(scope="module")
 def dpo_survival(tmp_path_factory, tiny_llama, pairs_file):
     """A DPO recipe as tests/test_survival.py runs SFT ones (a checkpoint every step), and its uninterrupted run."""
-    from test_survival import STEPS, adapter_tensors, finish, run_dir, trained_sequence
+    from helpers import STEPS, adapter_tensors, finish, run_dir, trained_sequence
 
     def recipe_in(folder):
         raw = preference_recipe(
@@ -449,7 +451,7 @@ def dpo_survival(tmp_path_factory, tiny_llama, pairs_file):
 def test_a_dpo_run_killed_then_stopped_resumes_bit_identically(tmp_path, dpo_survival):
     import signal
 
-    from test_survival import assert_same_as_reference, finish, kill_at_step, run_dir, start, wait_for_step
+    from helpers import assert_same_as_reference, finish, kill_at_step, run_dir, start, wait_for_step
 
     recipe_in, reference = dpo_survival
     recipe = recipe_in(tmp_path)
@@ -476,7 +478,7 @@ def test_dpo_under_ddp_matches_one_process(tmp_path, pretrained_llama, pairs_fil
     pairs x 2 accumulation: the same losses, gradient norms and adapter on both ranks."""
     import sys
 
-    from test_distributed import run_qtune, step_losses
+    from helpers import run_qtune, step_losses
 
     raw = preference_recipe(
         pretrained_llama, pairs_file, tmp_path / "ddp", train={"micro_batch_size": 2, "max_steps": 3, "save_steps": 3}
@@ -502,7 +504,7 @@ def test_dpo_under_ddp_matches_one_process(tmp_path, pretrained_llama, pairs_fil
 def test_dpo_continues_an_adapter_from_the_hub_and_pushes_its_card(hub, llama_run, tmp_path, pairs_file, run_cli):  # noqa: F811
     """model.adapter as a Hub repo (a local stand-in of the Hub): its base checked from adapter_config.json, its
     weights as the start and the reference; then the DPO run pushed, its card saying what it is."""
-    from test_hub import assert_canary_absent
+    from helpers import assert_canary_absent
 
     code, _, err = run_cli("push", llama_run, "--repo", "someone/tiny-sft", "--what", "adapter")
     assert code == 0, err

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from qtune.errors import EXIT_RECIPE, RecipeError
-from qtune.recipe import Recipe, load_recipe, validate_recipe
+from qtune.config.recipe import Recipe, load_recipe, validate_recipe
+from qtune.core.errors import EXIT_RECIPE, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {
@@ -259,10 +259,11 @@ MODEL_CONFIGS = REPO / "tests" / "model_configs"  # the shape fields of each mod
 def test_the_family_recipes_fit_a_16_gb_card_by_the_plan(recipe_name, config_name, parameters):
     """Each family's recipe, planned from its model's config on a T4 (15 GiB), with the headroom `auto` keeps; and
     its exports are ones its architecture can have."""
-    from qtune.memory import inventory, load_config
-    from qtune.plan import plan_training
-    from qtune.recipe import export_formats_problem
-    from qtune.training.config import AUTO_GPU_SHARE
+    from qtune.export.formats import formats_problem as export_formats_problem
+    from qtune.modeling.config import load_config
+    from qtune.planning.memory import inventory
+    from qtune.planning.plan import plan_training
+    from qtune.training.arguments import AUTO_GPU_SHARE
 
     folder = MODEL_CONFIGS / config_name
     assert inventory(load_config(str(folder), "main")).total == parameters  # the published parameter count

@@ -6,8 +6,9 @@ Loss and LoRA gradients must agree within fp32 tolerance; the controls show the 
 
 import pytest
 import torch
+from helpers import assert_close, lora_grads, per_sample_reference, qtune_trainer
 
-from qtune.batching import IGNORE, PackedCollator, pack_rows
+from qtune.data.packing import IGNORE, PackedCollator, pack_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -35,33 +36,6 @@ def samples():
         prompt = int(torch.randint(0, max(1, length - 1), (1,), generator=generator))
         out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
     return out
-
-
-def lora_grads(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def per_sample_reference(model, samples):
-    """Sum of token losses over samples, each run alone; divided by all supervised tokens."""
-    model.zero_grad()
-    total = sum(sum(1 for x in s["labels"][1:] if x != IGNORE) for s in samples)
-    value = 0.0
-    for s in samples:
-        logits = model(input_ids=torch.tensor([s["input_ids"]])).logits[0, :-1].float()
-        targets = torch.tensor(s["labels"][1:])
-        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / total
-        loss.backward()
-        value += loss.item()
-    return value, lora_grads(model)
-
-
-def assert_close(loss, grads, reference):
-    ref_loss, ref_grads = reference
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    worst = max(
-        (grads[n] - ref_grads[n]).abs().max().item() / (ref_grads[n].abs().max().item() + 1e-12) for n in ref_grads
-    )
-    assert worst < 1e-4, f"largest relative gradient difference {worst:.2e}"
 
 
 def test_pack_rows_respects_the_row_limit_and_keeps_every_sample():
@@ -114,7 +88,7 @@ def test_packing_controls_show_cross_sample_attention(lora_model, samples, leak)
 
 
 def test_supervised_only_chunked_loss_equals_full_logits(lora_model, samples, monkeypatch):
-    from qtune import loss as loss_stage
+    from qtune.modeling import loss as loss_stage
 
     reference = per_sample_reference(lora_model, samples)
     monkeypatch.setattr(loss_stage, "LOGIT_CHUNK_ELEMENTS", 7 * 600)  # several chunks, a ragged last one
@@ -131,7 +105,7 @@ def test_supervised_only_chunked_loss_equals_full_logits(lora_model, samples, mo
 
 
 def test_fused_loss_is_refused_for_heads_it_would_get_wrong(lora_model):
-    from qtune import loss as loss_stage
+    from qtune.modeling import loss as loss_stage
 
     config = lora_model.config
     config.logit_scale = 0.5  # Cohere-style scaled logits: not handled by the fused loss
@@ -145,39 +119,6 @@ def test_fused_loss_is_refused_for_heads_it_would_get_wrong(lora_model):
         assert loss_stage.fused_head_weight(lora_model) is None  # a trained head needs its weight gradient
     finally:
         head.weight.requires_grad_(False)
-
-
-def qtune_trainer(
-    lora_model, samples, tokenizer, folder, *, row_tokens: int, gradient_checkpointing=False, offload_activations=False
-):
-    """The Trainer qtune trains with, over `samples` as one micro-batch packed into rows of `row_tokens`."""
-    from datasets import Dataset
-    from trl import SFTConfig
-
-    from qtune.training.trainer import QtuneSFTTrainer
-
-    dataset = Dataset.from_dict(
-        {"input_ids": [s["input_ids"] for s in samples], "labels": [s["labels"] for s in samples]}
-    )
-    config = SFTConfig(
-        output_dir=str(folder),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_length=128,
-        per_device_train_batch_size=len(samples),
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
-    collator = PackedCollator(tokenizer.pad_token_id or 0, row_tokens=row_tokens)
-    return QtuneSFTTrainer(
-        model=lora_model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        data_collator=collator,
-        offload_activations=offload_activations,
-    )
 
 
 def test_trainer_loss_and_gradients_equal_the_plain_computation(lora_model, samples, tiny_tokenizer, tmp_path):
@@ -216,7 +157,7 @@ def test_lean_lora_dropout_equals_peft_dropout(pretrained_qwen2):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qtune.lean_ops import lean_lora_dropout
+    from qtune.modeling.lean_ops import lean_lora_dropout
 
     def build():
         torch.manual_seed(0)
@@ -261,7 +202,7 @@ def test_lean_lora_dropout_under_autocast_equals_peft_dropout(pretrained_qwen2):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qtune.lean_ops import lean_lora_dropout, lora_inputs_stay_in_compute_dtype
+    from qtune.modeling.lean_ops import lean_lora_dropout, lora_inputs_stay_in_compute_dtype
 
     def build(lean: bool):
         torch.manual_seed(0)

@@ -7,7 +7,6 @@ The CI subset kills 5 times; the full campaign (20 kills, 50 interrupted saves) 
     QTUNE_CAMPAIGN=full python -m pytest -m slow tests/test_survival.py
 """
 
-import json
 import os
 import random
 import re
@@ -20,12 +19,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import recipe_dict, write_recipe
+from helpers import (
+    STEPS,
+    adapter_tensors,
+    assert_same_as_reference,
+    environment,
+    finish,
+    kill_at_step,
+    recipe_dict,
+    run_dir,
+    start,
+    steps_traced,
+    trained_sequence,
+    wait_for_step,
+    write_recipe,
+)
 
-from qtune import checkpoints
-from qtune.run_dir import LOCK, MARKER
-
-STEPS = 24
+from qtune.core import checkpoints
+from qtune.core.folders import LOCK, MARKER
 
 
 def survival_recipe(tmp_path: Path, model, data, name: str, **train) -> Path:
@@ -46,87 +57,6 @@ def survival_recipe(tmp_path: Path, model, data, name: str, **train) -> Path:
     return write_recipe(tmp_path / f"{name}.yaml", raw)
 
 
-def environment(**extra) -> dict:
-    return {**os.environ, "QTUNE_SAMPLE_TRACE": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
-
-
-def start(recipe: Path, *args, **env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "qtune", "train", str(recipe), *args],
-        env=environment(**env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(recipe: Path, *args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "qtune", "train", str(recipe), *args],
-        env=environment(**env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def run_dir(recipe: Path) -> Path:
-    return Path(yaml.safe_load(recipe.read_text())["train"]["output_dir"])
-
-
-def steps_traced(folder: Path) -> int:
-    trace = folder / "sample_trace" / "steps-rank-0.jsonl"
-    if not trace.is_file():
-        return -1
-    lines = trace.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else -1
-
-
-def wait_for_step(process: subprocess.Popen, recipe: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while steps_traced(run_dir(recipe)) < step:
-        assert process.poll() is None, f"the run ended before step {step}: {process.stderr.read()[-2000:]}"
-        assert time.time() < deadline, f"step {step} not reached in {timeout} s"
-        time.sleep(0.02)
-
-
-def kill_at_step(recipe: Path, step: int, *args) -> int:
-    """Start (or resume) the run and SIGKILL it once it is training step `step`; returns the exit status."""
-    process = start(recipe, *args)
-    deadline = time.time() + 300
-    while process.poll() is None and steps_traced(run_dir(recipe)) < step and time.time() < deadline:
-        time.sleep(0.02)
-    process.kill()
-    return process.wait()
-
-
-def adapter_tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-
-
-def trained_sequence(folder: Path) -> dict[int, list[str]]:
-    """Step -> micro-batch digests, from the process that completed the step last. A step some earlier process
-    also trained on (and then lost to a kill) must have started with the same batches."""
-    by_process: dict[int, dict[int, list[str]]] = {}
-    order = []
-    for line in (folder / "sample_trace" / "steps-rank-0.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["pid"] not in by_process:
-            by_process[record["pid"]] = {}
-            order.append(record["pid"])
-        by_process[record["pid"]].setdefault(record["step"], []).append(record["batch"])
-    final: dict[int, list[str]] = {}
-    for pid in order:
-        for step, batches in by_process[pid].items():
-            if step in final:
-                shorter, longer = sorted((final[step], batches), key=len)
-                assert longer[: len(shorter)] == shorter, f"step {step} trained on other batches after a resume"
-            final[step] = batches
-    return final
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama, alpaca_file):
     """One uninterrupted run: its adapter and the batches of every step."""
@@ -136,17 +66,6 @@ def reference(tmp_path_factory, tiny_llama, alpaca_file):
     assert done.returncode == 0, done.stderr[-2000:]
     folder = run_dir(recipe)
     return adapter_tensors(folder), trained_sequence(folder)
-
-
-def assert_same_as_reference(folder: Path, reference):
-    import torch
-
-    tensors, sequence = reference
-    got = adapter_tensors(folder)
-    assert got.keys() == tensors.keys()
-    assert all(torch.equal(got[k], tensors[k]) for k in tensors), "the adapter differs from the uninterrupted run"
-    assert trained_sequence(folder) == sequence
-    assert len(sequence) == STEPS
 
 
 def campaign_size(ci: int, full: int) -> int:
@@ -209,7 +128,7 @@ def test_interrupted_saves_campaign(tmp_path, tiny_llama, alpaca_file, reference
     rng = random.Random(3)
     cut_short = 0
     for trial in range(trials):
-        newest = checkpoints.newest_valid(folder / "checkpoints", echo=lambda *_: None) if folder.exists() else None
+        newest = checkpoints.newest_valid(folder / "checkpoints") if folder.exists() else None
         base = int(newest.name.split("-")[1]) if newest else 0
         step = min(base + rng.randint(1, 3), STEPS - 1)
         args = ["--resume"] if newest else ["--overwrite"]
@@ -226,7 +145,7 @@ def test_interrupted_saves_campaign(tmp_path, tiny_llama, alpaca_file, reference
             assert finish(recipe, *args, QTUNE_FAIL_CHECKPOINT_AT=f"{stage}:{step}").returncode == 86
             cut_short += 1
         if step > 1:
-            assert checkpoints.newest_valid(folder / "checkpoints", echo=lambda *_: None) is not None
+            assert checkpoints.newest_valid(folder / "checkpoints") is not None
     done = finish(recipe, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_as_reference(folder, reference)
@@ -294,7 +213,7 @@ def make_checkpoint(folder: Path, step: int, payload: bytes = b"weights") -> Pat
 
 
 @pytest.mark.parametrize("corruption", ["truncated", "flipped byte", "missing state file", "bad manifest"])
-def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, corruption):
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, corruption, capsys):
     make_checkpoint(tmp_path, 2)
     newest = make_checkpoint(tmp_path, 4)
     weights = newest / "adapter_model.safetensors"
@@ -308,19 +227,20 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, corruptio
         (newest / "optimizer.pt").unlink()
     else:
         (newest / checkpoints.MANIFEST).write_text("{not json")
-    said = []
-    assert checkpoints.newest_valid(tmp_path, echo=said.append) == tmp_path / "checkpoint-2"
+    capsys.readouterr()
+    assert checkpoints.newest_valid(tmp_path) == tmp_path / "checkpoint-2"
+    said = capsys.readouterr().out.splitlines()
     assert len(said) == 1 and said[0].startswith("warning: checkpoint-4 is damaged") and "checkpoint-2" in said[0]
     assert newest.exists()  # kept for a look, never resumed from
 
 
 def test_no_valid_checkpoint_is_exit_5(tmp_path):
-    from qtune.errors import EXIT_INTEGRITY, QtuneError
+    from qtune.core.errors import EXIT_INTEGRITY, QtuneError
 
     only = make_checkpoint(tmp_path, 3)
     (only / "optimizer.pt").write_bytes(b"tampered")
     with pytest.raises(QtuneError) as caught:
-        checkpoints.newest_valid(tmp_path, echo=lambda *_: None)
+        checkpoints.newest_valid(tmp_path)
     assert caught.value.code == EXIT_INTEGRITY and "optimizer.pt" in str(caught.value.line())
 
 
@@ -332,14 +252,14 @@ def test_half_written_folders_are_removed_and_rotation_keeps_complete_ones(tmp_p
     (half / "adapter_model.safetensors").write_bytes(b"half")
     checkpoints.rotate(tmp_path, keep=2)  # the half-written newest one does not count
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
-    assert checkpoints.newest_valid(tmp_path, echo=lambda *_: None) == tmp_path / "checkpoint-3"
+    assert checkpoints.newest_valid(tmp_path) == tmp_path / "checkpoint-3"
     assert not half.exists()
 
 
 def test_resume_end_to_end_skips_a_corrupted_checkpoint(tmp_path, tiny_llama, alpaca_file, reference):
     recipe = survival_recipe(tmp_path, tiny_llama, alpaca_file, "run")
     assert kill_at_step(recipe, 8) == -signal.SIGKILL
-    newest = checkpoints.newest_valid(run_dir(recipe) / "checkpoints", echo=lambda *_: None)
+    newest = checkpoints.newest_valid(run_dir(recipe) / "checkpoints")
     weights = newest / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
@@ -425,7 +345,7 @@ def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, tiny_llama, alp
     recipe = survival_recipe(tmp_path, tiny_llama, alpaca_file, "run", max_steps=2)
     assert finish(recipe).returncode == 0
     canary = tmp_path / "pwned"
-    newest = checkpoints.newest_valid(run_dir(recipe) / "checkpoints", echo=lambda *_: None)
+    newest = checkpoints.newest_valid(run_dir(recipe) / "checkpoints")
 
     class Payload:
         def __reduce__(self):

@@ -8,14 +8,14 @@ import weakref
 
 import pytest
 from browser import chromium, visit
-from conftest import recipe_dict, write_jsonl, write_recipe
+from helpers import recipe_dict, write_jsonl, write_recipe
 
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def test_choice_task_rows_hold_the_right_answer_among_three_wrong_ones():
-    from qtune.demo_task import choice_rows
-    from qtune.tiny_models import demo_rows
+    from qtune.demo.task import choice_rows
+    from qtune.demo.tiny_models import demo_rows
 
     rows = choice_rows(200, seed=5)
     assert [r["question"].split("### Input:\n")[1].split("\n")[0] for r in rows] == [
@@ -33,9 +33,9 @@ def scored_run(alpaca_file, tmp_path_factory, run_cli_module):
     """A model trained on the demo's rules with three exports, its loss measured, then its task scores. The model
     is wider than TINY_SHAPE (128, pretrained 100 steps: 13 s): the 64-wide one does not learn the rules in a
     test's time (0.08 -> 0.11 after 200 steps), this one does in 40 (0.09 -> 0.23)."""
-    from qtune import task_eval
-    from qtune.demo_task import write_choice_task
-    from qtune.tiny_models import write_tiny_model
+    from qtune.demo.task import write_choice_task
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.evaluation.tasks import run as task_eval
 
     folder = tmp_path_factory.mktemp("task-eval")
     base = write_tiny_model(
@@ -65,7 +65,7 @@ def scored_run(alpaca_file, tmp_path_factory, run_cli_module):
 
     with pytest.MonkeyPatch.context() as patch:  # which models are still alive when the next one loads
         for name in ("load_adapter_model", "load_artifact"):
-            patch.setattr(f"qtune.task_eval.{name}", tracked(getattr(task_eval, name)))
+            patch.setattr(f"qtune.evaluation.tasks.run.{name}", tracked(getattr(task_eval, name)))
         code, out, err = run_cli_module("eval", run, "--tasks", task, "--limit", "150", "--batch-size", "16")
     assert code == 0, err
     return run, out, alive_at_load
@@ -127,7 +127,7 @@ def test_the_cost_is_stated_before_the_first_model_runs(scored_run):
 
 
 def test_scores_reach_the_page_and_the_model_card_and_the_loss_table_stays(scored_run):
-    from qtune.hub import model_card
+    from qtune.publish.model_card import model_card
 
     run, _, _ = scored_run
     report = json.loads((run / "eval_report.json").read_text())
@@ -165,7 +165,7 @@ def test_a_task_name_typo_gets_suggestions(llama_run, run_cli):
 
 
 def test_relative_data_paths_are_read_beside_the_task_file(tmp_path, monkeypatch):
-    from qtune.task_eval import local_task
+    from qtune.evaluation.tasks.run import local_task
 
     folder = tmp_path / "tasks"
     write_jsonl(folder / "rows.jsonl", [{"q": "a", "choices": ["x", "y"], "answer": 0}])
@@ -202,7 +202,7 @@ def test_each_model_is_freed_before_the_next_loads(scored_run):
 
 
 def test_the_demo_task_is_rewritten_as_it_was_and_a_users_file_is_never_overwritten(tmp_path, run_cli):
-    from qtune.demo_task import write_choice_task
+    from qtune.demo.task import write_choice_task
 
     task = write_choice_task(tmp_path / "task")
     first = {p.name: p.read_text() for p in (tmp_path / "task").iterdir()}

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict, write_jsonl, write_recipe
+from helpers import recipe_dict, write_jsonl, write_recipe
 from safetensors.torch import load_file
 
-from qtune.recipe import validate_recipe
-from qtune.run_dir import claimed_run
+from qtune.config.recipe import validate_recipe
+from qtune.core.folders import claimed_run
 from qtune.training.run import fit, prepare
 
 
@@ -60,7 +60,7 @@ def train_in_process(recipe_raw):
     run_dir = Path(recipe.train.output_dir)
     with claimed_run(run_dir, resume=False, overwrite=False):
         pass
-    return recipe, run_dir, prepare(recipe, run_dir, resume=False, echo=lambda *_: None)
+    return recipe, run_dir, prepare(recipe, run_dir, resume=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -69,7 +69,7 @@ def test_training_changes_every_lora_weight_and_the_adapter_reloads(
 ):
     from peft import PeftModel
 
-    from qtune.model import load_base
+    from qtune.modeling.load import load_base
 
     model_dir = tiny_llama if family == "llama" else tiny_qwen2
     recipe, run_dir, prepared = train_in_process(
@@ -79,7 +79,7 @@ def test_training_changes_every_lora_weight_and_the_adapter_reloads(
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())  # trl's bf16 cast undone
 
-    metrics = fit(recipe, run_dir, prepared, echo=lambda *_: None)
+    metrics = fit(recipe, run_dir, prepared)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), trainable[n])]
     assert unchanged == []

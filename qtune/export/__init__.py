@@ -1,2 +1,2 @@
-"""Exports of a trained run: merge.py (the adapter merged into its base), nf4.py, gguf.py (llama.cpp / Ollama files)
-and run.py (`qtune export`: writes the requested formats, then measures each one)."""
+"""`qtune export`: the formats (formats/, THE registry of them, their writers and loaders) and the command that
+writes the requested ones and measures each against the trained model (run)."""

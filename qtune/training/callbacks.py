@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from qtune import hub
-from qtune.cpu_threads import FreeCoreThreads
-from qtune.errors import EXIT_DIVERGED, QtuneError
+from qtune.core.cpu_threads import FreeCoreThreads
+from qtune.core.errors import EXIT_DIVERGED, QtuneError
+from qtune.core.log import get_logger
+from qtune.publish import hub
+
+log = get_logger(__name__)
 
 
 class LossProgress(ProgressCallback):
@@ -30,9 +32,11 @@ class LossProgress(ProgressCallback):
         self.last = None  # (time, num_tokens) at the previous log
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """No bar per evaluation: its result is one line."""
         pass  # a second bar per evaluation is noise; the eval result is printed as one line
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Shows loss, lr, tokens/s (and reward accuracy) on the bar; an evaluation as one line."""
         if not state.is_world_process_zero or not logs:
             return
         bar = self.training_bar
@@ -44,7 +48,7 @@ class LossProgress(ProgressCallback):
                 )
             else:
                 line = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
-            (bar.write if bar is not None else print)(line)
+            log.info(line)
             return
         if "train_runtime" in logs:
             return  # the Trainer's closing summary: the rate over the whole run is qtune's last line
@@ -66,7 +70,7 @@ class LossProgress(ProgressCallback):
 
 
 def close_progress_bars(trainer) -> None:
-    """After an exception the Trainer never closes its bar, and the error line would land at the end of it."""
+    """Closes the Trainer's progress bar: after an exception it never does, and the error line would land on it."""
     for callback in trainer.callback_handler.callbacks:
         bar = getattr(callback, "training_bar", None)
         if bar is not None:
@@ -75,7 +79,7 @@ def close_progress_bars(trainer) -> None:
 
 
 class StoppedDuringEvaluation(Exception):
-    pass
+    """A stop signal arrived while the Trainer evaluated: the evaluation is cut short."""
 
 
 class GracefulStop(TrainerCallback):
@@ -86,6 +90,7 @@ class GracefulStop(TrainerCallback):
         self.previous = {}
 
     def install(self) -> GracefulStop:
+        """Handles SIGTERM and SIGINT from now on (the main thread only); returns self."""
         if threading.current_thread() is not threading.main_thread():
             return self  # signals only reach the main thread (a notebook's worker thread has none)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -93,6 +98,7 @@ class GracefulStop(TrainerCallback):
         return self
 
     def restore(self) -> None:
+        """Puts the previous signal handlers back."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
@@ -109,11 +115,13 @@ class GracefulStop(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
+        """After a signal: save a checkpoint at this step and stop."""
         if self.agreed(args):
             control.should_save, control.should_training_stop = True, True
             control.should_evaluate = False
 
     def on_prediction_step(self, args, state, control, **kwargs):
+        """After a signal: cut an evaluation short."""
         if self.signal_name is not None:
             raise StoppedDuringEvaluation()
 
@@ -135,19 +143,20 @@ class CheckpointPusher(TrainerCallback):
         self.repo_id, self.private, self.run_dir = repo_id, private, run_dir
 
     def on_save(self, args, state, control, **kwargs):
+        """Pushes the checkpoint just saved (main process)."""
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             hub.push_checkpoint(self.repo_id, checkpoint, self.run_dir, private=self.private)
 
 
 class FollowFreeCores(TrainerCallback):
-    """Re-sizes the CPU thread pool when a neighbour process starts or stops (qtune/cpu_threads.py says why)."""
+    """Re-sizes the CPU thread pool when a neighbour process starts or stops (qtune.core.cpu_threads says why)."""
 
     def __init__(self, threads: FreeCoreThreads):
         self.threads = threads
-        threads.echo = tqdm.write  # a line above the progress bar, not through it
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Re-checks the free cores (at most every few seconds)."""
         self.threads.recheck()
 
 
@@ -163,6 +172,7 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps = 0
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Counts skipped and non-finite steps; stops the run after too many in a row."""
         if getattr(self.trainer.accelerator, "optimizer_step_was_skipped", False):
             self.skipped_steps += 1
         bad = self.trainer.nonfinite_micro_batches

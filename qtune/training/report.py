@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import resource
-import shutil
 from pathlib import Path
 
 import psutil
 import torch
 
-from qtune.fsutil import publish, write_json_atomically
-from qtune.plots import draw_losses, saved_figure
-from qtune.run_dir import ADAPTER, LOSS_PLOT, METRICS
+from qtune.core.folders import ADAPTER, LOSS_PLOT, METRICS
+from qtune.core.fs import staged, write_json_atomically
+from qtune.core.plots import draw_losses, saved_figure
+from qtune.core.text import fmt
+from qtune.training.methods.preference import ACCURACY
 
 
 def current_rss_bytes() -> int:
+    """This process's resident memory now."""
     return int(psutil.Process().memory_info().rss)
 
 
 def peak_memory_bytes(use_cpu: bool) -> int:
+    """Training's peak memory: the GPU's allocated peak, or on CPU the process's peak RSS."""
     if not use_cpu and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return peak_rss_bytes()
@@ -64,17 +67,15 @@ def final_evaluation(trainer) -> dict:
 
 
 def save_adapter(trainer, target: Path) -> None:
-    """Adapter + tokenizer, written aside and renamed into place so a crash never leaves half of one. Only the trained
-    adapter: a DPO run that continued one also holds its frozen reference copy."""
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])
-    trainer.processing_class.save_pretrained(staging)
-    publish(staging, target)
+    """Saves the adapter and the tokenizer at `target`, whole or not at all. Only the trained adapter: a DPO run that
+    continued one also holds its frozen reference copy."""
+    with staged(target) as staging:
+        trainer.model.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])
+        trainer.processing_class.save_pretrained(staging)
 
 
 def plot_losses(history: list[dict], path: Path, *, before: dict | None = None) -> None:
-    """Train and eval loss by step; for preference tuning, the reward accuracy on a second axis."""
+    """Draws loss.png: train and eval loss by step, and the reward accuracy on a second axis when the run logged one."""
     before = before or {}
 
     def series(key: str, first: float | None) -> list[tuple[int, float]]:
@@ -97,61 +98,29 @@ def plot_losses(history: list[dict], path: Path, *, before: dict | None = None) 
             right.legend(loc="upper right")
 
 
-ACCURACY = "rewards/accuracies"
-# trl's logged names -> metrics.json's
-PREFERENCE_METRICS = {
-    ACCURACY: "reward_accuracy",
-    "rewards/margins": "reward_margin",
-    "rewards/chosen": "reward_chosen",
-    "rewards/rejected": "reward_rejected",
-    "logps/chosen": "logps_chosen",
-    "logps/rejected": "logps_rejected",
-}
-
-
-def preference_metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
-    """Reward accuracy, margin, rewards and log-probs: on validation before training (step 0) and after, and on the
-    training batches of the last logged step."""
-    last_train = next((h for h in reversed(history) if ACCURACY in h and "loss" in h), {})
-    out = {}
-    for logged, name in PREFERENCE_METRICS.items():
-        out[f"eval_{name}_before"] = before.get(f"eval_{logged}_before")
-        out[f"eval_{name}"] = final_eval.get(f"eval_{logged}")
-        out[f"train_{name}"] = last_train.get(logged)
-    return out
-
-
-def summary(metrics: dict, run_dir: Path) -> str:
-    def fmt(value, spec=".4f"):
-        return "n/a" if value is None else format(value, spec)
-
-    if metrics.get("method", "sft") == "sft":
-        quality = f"(perplexity {fmt(metrics['eval_perplexity'], '.2f')})"
-    else:
-        quality = (
-            f"({metrics['method']}); reward accuracy {fmt(metrics.get('eval_reward_accuracy_before'), '.2f')} -> "
-            f"{fmt(metrics.get('eval_reward_accuracy'), '.2f')}, margin {fmt(metrics.get('eval_reward_margin_before'))} "
-            f"-> {fmt(metrics.get('eval_reward_margin'))}"
-        )
+def summary(metrics: dict, run_dir: Path, method_rows: list[tuple[str, str]]) -> str:
+    """The closing lines of `qtune train`: steps, time, speed and memory; the losses and the method's figures."""
+    figures = "; ".join(
+        [f"eval loss {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss'])}"]
+        + [f"{label}: {value}" for label, value in method_rows]
+        + [f"train loss {fmt(metrics['train_loss'])}"]
+    )
     return (
         f"done: {metrics['global_step']} steps in {metrics['train_seconds']:.1f} s, "
         f"{fmt(metrics['tokens_per_second'], '.0f')} tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB\n"
-        f"eval loss {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss'])} "
-        f"{quality}; train loss {fmt(metrics['train_loss'])}\n"
+        f"{figures}\n"
         f"adapter: {run_dir / ADAPTER}   metrics: {run_dir / METRICS}   curve: {run_dir / LOSS_PLOT}"
     )
 
 
-def write_generations(trainer, data, path: Path, *, count: int = 3, max_new_tokens: int = 48) -> None:
-    """A few validation prompts answered greedily by the 4-bit base (adapter off) and by the fine-tuned model, beside
-    the reference answer: what the report page shows as "before and after". The prompts go as one left-padded batch
-    per model, two generate calls in all."""
-    from qtune.chat import generate_batch
-    from qtune.preference import chosen_as_samples
+def write_generations(trainer, data, path: Path, as_lm_samples, *, count: int = 3, max_new_tokens: int = 48) -> None:
+    """Writes generations.json: a few validation prompts answered greedily by the 4-bit base (adapter off) and by the
+    fine-tuned model, beside the reference answer (what the report page shows as "before and after"). The prompts go
+    as one left-padded batch per model, two generate calls in all; `as_lm_samples` turns the split into prompt +
+    answer rows."""
+    from qtune.modeling.generation import generate_batch
 
-    split = data.val if data.val is not None else data.train
-    if "chosen_ids" in split.column_names:
-        split = chosen_as_samples(split)
+    split = as_lm_samples(data.val if data.val is not None else data.train)
     model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
     model.eval()  # no dropout: greedy answers that the same run always gives
     prompts, references = [], []

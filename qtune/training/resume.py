@@ -7,10 +7,14 @@ from pathlib import Path
 
 import yaml
 
-from qtune import checkpoints, hub
-from qtune.errors import EXIT_INTEGRITY, QtuneError, RecipeError
-from qtune.recipe import Recipe, validate_recipe
-from qtune.run_dir import CHECKPOINTS, RECIPE_FILE
+from qtune.config.recipe import Recipe, validate_recipe
+from qtune.core import checkpoints
+from qtune.core.errors import EXIT_INTEGRITY, QtuneError, RecipeError
+from qtune.core.folders import CHECKPOINTS, RECIPE_FILE
+from qtune.core.log import get_logger
+from qtune.publish import hub
+
+log = get_logger(__name__)
 
 # What may change between a run and its resume without changing the trajectory: where things are written,
 # how often it logs, evaluates and saves, what happens after training, and recompute (same maths).
@@ -28,6 +32,8 @@ RESUMABLE_CHANGES = (
 
 
 def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    """Every setting that differs between two recipes and changes the training (key: old -> new)."""
+
     def flat(value, prefix=""):
         if isinstance(value, dict):
             out = {}
@@ -62,21 +68,22 @@ def check_resumed_recipe(recipe: Recipe, run_dir: Path, *, force: bool) -> None:
 
 
 def tokens_at_checkpoint(checkpoint: Path | None) -> int:
+    """The input tokens the run had seen when the checkpoint was saved (0 for a fresh start)."""
     if checkpoint is None:
         return 0
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     return int(state.get("num_input_tokens_seen", 0))
 
 
-def checkpoint_to_resume(recipe: Recipe, run_dir: Path, *, force: bool, echo) -> Path:
+def checkpoint_to_resume(recipe: Recipe, run_dir: Path, *, force: bool) -> Path:
     """The newest complete checkpoint of the run (fetched from the Hub when the recipe pushes them and none is here),
     after checking that the recipe still describes the same training."""
     check_resumed_recipe(recipe, run_dir, force=force)
-    checkpoint = checkpoints.newest_valid(run_dir / CHECKPOINTS, echo=echo)
+    checkpoint = checkpoints.newest_valid(run_dir / CHECKPOINTS)
     if checkpoint is None and recipe.hub.push_checkpoints:
-        echo(f"resume: no local checkpoint, fetching the newest from {recipe.hub.repo_id}")
+        log.info(f"resume: no local checkpoint, fetching the newest from {recipe.hub.repo_id}")
         if hub.pull_newest_checkpoint(recipe.hub.repo_id, run_dir) is not None:
-            checkpoint = checkpoints.newest_valid(run_dir / CHECKPOINTS, echo=echo)
+            checkpoint = checkpoints.newest_valid(run_dir / CHECKPOINTS)
     if checkpoint is None:
         raise QtuneError(
             f"no complete checkpoint under {run_dir / CHECKPOINTS}",

@@ -1,4 +1,4 @@
-"""`qtune train`: recipe in, run folder out. trl's SFTTrainer owns the loop.
+"""`qtune train`: recipe in, run folder out. trl's trainer of the recipe's method owns the loop.
 
 Order matters for the user: everything that can be wrong with the recipe, the output folder, the tokenizer or the
 data is found before the (slow) model load, and a failure before training starts leaves no output folder behind.
@@ -20,17 +20,27 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from qtune import data as data_stage
-from qtune import distributed, hub, testhooks
-from qtune import model as model_stage
-from qtune import preference as preference_data
-from qtune.checkpoints import MANIFEST
-from qtune.cpu_threads import FreeCoreThreads
-from qtune.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError, RecipeError
-from qtune.fsutil import write_json_atomically, write_text_atomically
-from qtune.recipe import Recipe, export_formats_problem, recipe_to_yaml
-from qtune.report_page import build_report
-from qtune.run_dir import ADAPTER, EVAL_BEFORE, GENERATIONS, HISTORY, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
+from qtune.config.recipe import Recipe, recipe_to_yaml
+from qtune.core import distributed, testhooks
+from qtune.core.checkpoints import MANIFEST
+from qtune.core.cpu_threads import FreeCoreThreads
+from qtune.core.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError, RecipeError
+from qtune.core.folders import ADAPTER, EVAL_BEFORE, GENERATIONS, HISTORY, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
+from qtune.core.fs import write_json_atomically, write_text_atomically
+from qtune.core.log import get_logger
+from qtune.data.prepared import PreparedData
+from qtune.data.templates import resolve_chat_template
+from qtune.export.formats import formats_problem
+from qtune.modeling import load as model_loading
+from qtune.modeling.precision import resolve_compute_dtype
+from qtune.publish import hub
+from qtune.publish.report_page import build_report
+from qtune.training.arguments import (
+    build_trainer_config,
+    out_of_memory,
+    resolve_memory_savers,
+    warn_if_plan_predicts_oom,
+)
 from qtune.training.callbacks import (
     FollowFreeCores,
     GracefulStop,
@@ -38,35 +48,29 @@ from qtune.training.callbacks import (
     StoppedDuringEvaluation,
     close_progress_bars,
 )
-from qtune.training.config import (
-    build_trainer_config,
-    out_of_memory,
-    preference_settings,
-    resolve_memory_savers,
-    warn_if_plan_predicts_oom,
-)
+from qtune.training.methods import method_of
 from qtune.training.report import (
     compute_dtype_of,
     current_rss_bytes,
     final_evaluation,
     peak_memory_bytes,
     plot_losses,
-    preference_metrics,
     save_adapter,
     summary,
     write_generations,
 )
 from qtune.training.resume import checkpoint_to_resume, tokens_at_checkpoint
 from qtune.training.trainer import build_trainer
-from qtune.weights import adapter_source
+
+log = get_logger(__name__)
 
 
 @dataclass
 class Prepared:
     """Everything `prepare` sets up for `fit`."""
 
-    trainer: object  # a QtuneSFTTrainer or QtunePreferenceTrainer
-    data: data_stage.PreparedData  # the tokenized train / validation splits and their report
+    trainer: object  # the method's trainer (qtune.training.methods)
+    data: PreparedData  # the tokenized train / validation splits and their report
     checkpoint: Path | None  # the checkpoint a resume starts from
     use_cpu: bool
     rss_before_model_bytes: int  # the process before the model came in (metrics.json; the memory plan's baseline)
@@ -81,22 +85,19 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     force: bool = False,
-    echo=print,
     then: Callable[[Path, dict], None] | None = None,
 ) -> dict:
-    """Fine-tune as the recipe says, in its locked run folder; returns the metrics also written to metrics.json.
+    """Fine-tunes as the recipe says, in its locked run folder; returns the metrics also written to metrics.json.
     `then(run_dir, metrics)` runs on the main process while the run folder is still locked (exports, a Hub push)."""
-    if distributed.rank() != 0:
-        echo = lambda *_: None  # noqa: E731  (one voice: the main process reports)
     with claimed_run_on_main(recipe, resume=resume, overwrite=overwrite) as claim:
         run_dir = Path(recipe.train.output_dir).expanduser()
         try:
-            prepared = prepare(recipe, run_dir, resume=resume, echo=echo, force=force)
+            prepared = prepare(recipe, run_dir, resume=resume, force=force)
         except BaseException:
             if claim is not None:
                 claim.abandon()  # a run that never started leaves no folder behind
             raise
-        metrics = fit(recipe, run_dir, prepared, echo=echo)
+        metrics = fit(recipe, run_dir, prepared)
         if then is not None and claim is not None:
             then(run_dir, metrics)
         return metrics
@@ -118,7 +119,7 @@ def claimed_run_on_main(recipe: Recipe, *, resume: bool, overwrite: bool):
 
 @contextmanager
 def env_defaults(**values: str):
-    """Set environment variables the trackers read, only where the user has not, for this run only."""
+    """Sets environment variables the trackers read, only where the user has not, for this run only."""
     added = [key for key in values if key not in os.environ]
     for key in added:
         os.environ[key] = values[key]
@@ -129,105 +130,94 @@ def env_defaults(**values: str):
             os.environ.pop(key, None)
 
 
-def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = False) -> Prepared:
+def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False) -> Prepared:
     """Everything before the first step: checkpoint, tokenizer, data, model, trainer. Whatever can be wrong with the
     recipe, the folder, the tokenizer or the data is found before the (slow) model load."""
-    checkpoint = checkpoint_to_resume(recipe, run_dir, force=force, echo=echo) if resume else None
+    method = method_of(recipe)
+    checkpoint = checkpoint_to_resume(recipe, run_dir, force=force) if resume else None
     if recipe.hub.repo_id:
         hub.require_token()  # before hours of training, not after
     use_cpu = not torch.cuda.is_available()
-    if use_cpu and model_stage.under_fsdp():
+    if use_cpu and model_loading.under_fsdp():
         # accelerate's FSDP plugin refuses a machine without an accelerator, with a traceback from deep inside
-        # the Trainer (accelerate 1.15: "There are currently no available devices found"), after the model load
+        # the Trainer ("There are currently no available devices found"), after the model load
         raise EnvironmentProblem(
             "FSDP needs GPUs: accelerate's FSDP plugin does not run on a CPU",
             fix="on a CPU use DDP: torchrun --standalone --nproc_per_node N -m qtune train RECIPE",
         )
     cpu_threads = None
     if use_cpu:
-        cpu_threads = FreeCoreThreads(echo)
+        cpu_threads = FreeCoreThreads()
         cpu_threads.start()
-    compute_dtype = model_stage.resolve_compute_dtype(recipe.quant.compute_dtype)
+    compute_dtype = resolve_compute_dtype(recipe.quant.compute_dtype)
     if not use_cpu:
-        warn_if_plan_predicts_oom(recipe, echo)
+        warn_if_plan_predicts_oom(recipe)
     if use_cpu and recipe.train.optimizer.startswith("paged_"):
-        echo(
+        log.info(
             f"optimizer: {recipe.train.optimizer} pages its state only on a GPU; on CPU bitsandbytes runs it unpaged "
             "(the same update)"
         )
-    checkpointing, offload = resolve_memory_savers(
-        recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize, echo=echo
-    )
-    model_config = model_stage.load_model_config(recipe.model)
-    problem = export_formats_problem(recipe.export.formats, model_config.to_dict())
+    checkpointing, offload = resolve_memory_savers(recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize)
+    model_config = model_loading.load_model_config(recipe.model)
+    problem = formats_problem(recipe.export.formats, model_config.to_dict())
     if problem:  # found now, not after hours of training
         raise RecipeError(problem, fix="change export.formats")
-    adapter = adapter_source(recipe.model)  # its base checked before any weight loads
-    tokenizer = model_stage.load_tokenizer(recipe.model)
+    adapter = model_loading.adapter_source(recipe.model)  # its base checked before any weight loads
+    tokenizer = model_loading.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
-        tokenizer.chat_template = data_stage.resolve_chat_template(recipe.data, tokenizer)
-    data = preference_data.build_data(recipe.data, tokenizer, seed=recipe.train.seed)
-    echo(preference_data.describe_data(data.report))
+        tokenizer.chat_template = resolve_chat_template(recipe.data, tokenizer)
+    data = method.data.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    log.info(method.data.describe(data.report))
 
     config = build_trainer_config(
         recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),
         recipe.log,
+        config_class=method.trainer_config(),
+        method_settings=method.trainer_settings(recipe),
         run_dir=run_dir,
         compute_dtype=compute_dtype,
         has_eval=data.val is not None,
         max_length=recipe.data.max_length,
         use_cpu=use_cpu,
         eval_before=data.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
-        preference=preference_settings(recipe),
     )
     if distributed.rank() == 0:
         write_text_atomically(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
-    echo(
+    log.info(
         f"model: loading {recipe.model.name} in 4-bit {recipe.quant.type} (compute {str(compute_dtype).removeprefix('torch.')})"
     )
     started = time.perf_counter()
     rss_before_model = current_rss_bytes()
-    base = model_stage.load_base(recipe.model, recipe.quant, compute_dtype, model_config)
-    model_stage.check_vocabulary_fits(base, tokenizer, data)
-    model_stage.align_special_tokens(base, tokenizer)
+    base = model_loading.load_base(recipe.model, recipe.quant, compute_dtype, model_config)
+    model_loading.check_vocabulary_fits(base, tokenizer, data)
+    model_loading.align_special_tokens(base, tokenizer)
 
     # The LoRA init draws from the global RNG: seed it here, or it depends on whatever ran before (under
     # torchrun the process-group setup does), and two launches of one recipe start from different adapters.
     set_seed(recipe.train.seed)
-    peft_model = model_stage.attach_lora(
-        base, recipe.lora, gradient_checkpointing=checkpointing, adapter=adapter, dropout=not recipe.preference
+    peft_model = model_loading.attach_lora(
+        base, recipe.lora, gradient_checkpointing=checkpointing, adapter=adapter, dropout=method.lora_dropout
     )
     load_seconds = time.perf_counter() - started
     trainable, total = peft_model.get_nb_trainable_parameters()
     start = f"continues {recipe.model.adapter}: " if adapter else ""
-    echo(
+    log.info(
         f"model: loaded in {load_seconds:.1f} s; LoRA {start}trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
-    preference_options = {}
-    if recipe.preference:
-        from qtune.training.preference import QtunePreferenceTrainer, reference_description
-
-        echo(f"train: {recipe.train.method}, {reference_description(recipe.train.method, recipe.model.adapter)}")
-        preference_options = dict(
-            preference_trainer=QtunePreferenceTrainer,
-            method=recipe.train.method,
-            reference_is_adapter=adapter is not None,
-        )
+    setup = method.describe_setup(recipe)
+    if setup:
+        log.info(setup)
 
     with env_defaults(WANDB_DIR=str(run_dir)):
         trainer = build_trainer(
+            recipe,
             peft_model,
             tokenizer,
             config,
             data,
-            recipe.log,
             run_dir,
-            recipe.hub,
-            recipe.data.max_length,
-            recipe.train.keep_checkpoints,
             offload_activations=offload,
-            max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-            **preference_options,
+            continues_adapter=adapter is not None,
         )
     if cpu_threads is not None:
         trainer.add_callback(FollowFreeCores(cpu_threads))
@@ -239,6 +229,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, echo, force: bool = 
 
 
 def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
+    """The one-line error of a run stopped by a signal: the checkpoint it saved, and how to continue."""
     step = trainer.state.global_step
     saved = Path(trainer.args.output_dir) / f"checkpoint-{step}"
     if step == 0 or not (saved / MANIFEST).is_file():
@@ -256,8 +247,9 @@ def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
     )
 
 
-def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
-    """Train, evaluate, and leave the adapter, metrics.json and loss.png in the run folder."""
+def fit(recipe: Recipe, run_dir: Path, prepared: Prepared) -> dict:
+    """Trains, evaluates, and leaves the adapter, metrics.json, loss.png and the run's page in the run folder."""
+    method = method_of(recipe)
     trainer, data, checkpoint = prepared.trainer, prepared.data, prepared.checkpoint
     main_process = trainer.is_world_process_zero()
     has_eval = data.val is not None
@@ -268,7 +260,7 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
     try:
         with env_defaults(WANDB_DIR=str(run_dir)):
             if checkpoint is not None:
-                echo(f"resume: continuing from {checkpoint.name}")
+                log.info(f"resume: continuing from {checkpoint.name}")
             try:
                 with warnings.catch_warnings():
                     # bitsandbytes' warning on the first step; qtune said it in its own words before the load
@@ -318,9 +310,9 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
         "train_loss": result.training_loss,
         "eval_loss_before": eval_before,
         "eval_loss": final_eval.get("eval_loss"),
-        # a preference loss is no language-model loss: no perplexity
+        # another method's loss is no language-model loss: no perplexity
         "eval_perplexity": math.exp(final_eval["eval_loss"])
-        if "eval_loss" in final_eval and not recipe.preference
+        if "eval_loss" in final_eval and method.language_model_loss
         else None,
         "method": recipe.train.method,
         "global_step": trainer.state.global_step,
@@ -345,16 +337,15 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared, *, echo) -> dict:
         "data": data.report,
     }
     metrics["world_size"] = trainer.args.world_size
-    if recipe.preference:
-        metrics.update(preference_metrics(trainer.state.log_history, before, final_eval))
+    metrics.update(method.metrics(trainer.state.log_history, before, final_eval))
     testhooks.record_final_weights(trainer.model, run_dir, trainer.args.process_index)
     if main_process:
         save_adapter(trainer, run_dir / ADAPTER)
         write_json_atomically(run_dir / METRICS, metrics)
         write_json_atomically(run_dir / HISTORY, trainer.state.log_history)
         plot_losses(trainer.state.log_history, run_dir / LOSS_PLOT, before=before)
-        if not model_stage.under_fsdp():  # a sharded model answers only with every rank taking part
-            write_generations(trainer, data, run_dir / GENERATIONS)
+        if not model_loading.under_fsdp():  # a sharded model answers only with every rank taking part
+            write_generations(trainer, data, run_dir / GENERATIONS, method.data.as_lm_samples)
         page = build_report(run_dir)
-        echo(summary(metrics, run_dir) + f"   report: {page}")
+        log.info(summary(metrics, run_dir, method.result_rows(metrics)) + f"   report: {page}")
     return metrics

@@ -1,6 +1,6 @@
 """A CPU training run beside other CPU-heavy processes: seconds per step alone, with one and with two neighbours,
 with torch's and OpenMP's defaults ("before"), with OpenMP's passive wait ("passive": OMP_WAIT_POLICY=PASSIVE, the
-cure qtune measured and did not take) and with qtune's thread policy ("after", qtune/cpu_threads.py).
+cure qtune measured and did not take) and with qtune's thread policy ("after", qtune/core/cpu_threads.py).
 
 Each neighbour is another `qtune train` of the same recipe, started first and killed once the measured run ends;
 neighbours and measured run use the same policy, as two users of one machine would. The measured run's seconds per

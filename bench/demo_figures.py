@@ -1,10 +1,10 @@
-"""The README's demo figures, regenerated: the first command's steps timed, the losses, eval, export and what the
+"""The demo figures (bench/README.md), regenerated: the first command's steps timed, the losses, eval, export and what the
 model answers, all from the commands a user runs, in a scratch folder (runs/ is not touched).
 
     python bench/demo_figures.py [--work DIR]
 
 Prints the figures as Markdown table rows and writes bench/results/demo_figures.json. Run it on an idle machine
-whenever the code the demo goes through changes, and paste the rows into the README.
+whenever the code the demo goes through changes, and paste the rows into bench/README.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def qtune(*args, cwd: Path) -> tuple[float, str]:
 
 def exact_match(run: Path, rows: list[dict], cwd: Path) -> dict:
     """Greedy answers of the fine-tuned demo model to held-out rows, per task: what it measurably learned."""
-    from qtune.publish.chat import build_prompt, generate, load_for_generation
+    from qtune.modeling.generation import generate
+    from qtune.publish.chat import build_prompt, load_for_generation
 
     model, tokenizer, style = load_for_generation(run)
     by_task: dict[str, list[int]] = {}

@@ -88,15 +88,15 @@ def write_inputs(work: Path, max_length: int, shape: dict) -> dict:
 
     from transformers import AutoTokenizer
 
-    from qtune import data as data_stage
     from qtune.config.recipe import validate_recipe
+    from qtune.data.sft import SFT_DATA
 
     recipe = validate_recipe(qtune_recipe(work, max_length, 4, 2, 5, work / "unused"))
     tokenizer = AutoTokenizer.from_pretrained(base)
     from qtune.modeling.load import choose_pad_token
 
     tokenizer.pad_token = choose_pad_token(tokenizer)
-    prepared = data_stage.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    prepared = SFT_DATA.build(recipe.data, tokenizer, seed=recipe.train.seed)
     stats = {}
     for name, split in (("train", prepared.train), ("val", prepared.val)):
         from datasets import Dataset

@@ -169,7 +169,7 @@ def test_hub_retries_stay_quiet_when_the_hub_is_first_imported_by_the_silencing_
     qtune turns into one line (`qtune eval --tasks hellaswag` offline printed them). Its import resets its logger's
     level, so the level must be set after it is imported: in a fresh process, where quiet_library_noise imports it."""
     probe = (
-        "import logging, sys; from qtune.library_noise import quiet_library_noise; "
+        "import logging, sys; from qtune.core.noise import quiet_library_noise; "
         "assert 'huggingface_hub' not in sys.modules; quiet_library_noise(); "
         "print(logging.getLogger('huggingface_hub.utils._http').getEffectiveLevel())"
     )

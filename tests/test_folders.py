@@ -90,7 +90,7 @@ def test_lock_refuses_a_second_holder_and_a_killed_holder_leaves_nothing_stuck(t
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'x').acquire(); "
+            "from qtune.core.folders import FolderLock; FolderLock(Path(sys.argv[1]), 'x').acquire(); "
             "print('held', flush=True); time.sleep(600)",
             str(folder),
         ],
@@ -151,7 +151,7 @@ def test_an_export_into_a_folder_another_export_holds_is_refused(tmp_path, llama
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from qtune.run_dir import FolderLock; FolderLock(Path(sys.argv[1]), 'a qtune export')"
+            "from qtune.core.folders import FolderLock; FolderLock(Path(sys.argv[1]), 'a qtune export')"
             ".acquire(); print('held', flush=True); time.sleep(600)",
             str(out),
         ],

@@ -9,7 +9,7 @@ tests/test_speed.py checks the loss and the gradients against a per-sample, unpa
 
 Two things keep that true: the first label of every sample is ignored (else the last token of one sample
 would learn to predict the first of the next), and the model must run without a KV cache, since
-transformers only looks for packed sequences when there is none (qtune.loss passes use_cache=False).
+transformers only looks for packed sequences when there is none (qtune.modeling.loss passes use_cache=False).
 The tail of a row is padding with its own restarting position ids: a segment nothing else attends to.
 """
 

@@ -1,4 +1,4 @@
-"""The demo's multiple-choice benchmark: its four rules (qtune.tiny_models.demo_rows) asked as questions with the
+"""The demo's multiple-choice benchmark: its four rules (qtune.demo.tiny_models.demo_rows) asked as questions with the
 right answer among three typical wrong ones, written as a local lm-evaluation-harness task for `qtune eval --tasks`.
 """
 

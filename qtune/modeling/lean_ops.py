@@ -1,6 +1,6 @@
 """RMSNorm, the SwiGLU product and LoRA dropout with the backward pass written out, so they keep less for it.
 
-What autograd keeps per token and layer decides how long a row fits on a small GPU (qtune/plan.py counts it):
+What autograd keeps per token and layer decides how long a row fits on a small GPU (qtune/planning/plan.py counts it):
 
 - transformers' RMSNorm computes in fp32, and autograd keeps that fp32 copy of the input (4 bytes per value)
   for `pow` and the multiply. Here the input itself (2 bytes in bf16/fp16) and one fp32 number per token are kept;

@@ -76,12 +76,12 @@ def activation_bytes_per_token_per_layer(
     """What autograd keeps per token and decoder layer of a Llama-style block with LoRA on every linear layer,
     counted tensor by tensor with saved-tensor hooks (CPU, fp32 and bf16 autocast: tests/test_long_context.py).
 
-    Frozen 4-bit matmuls keep no input for a weight gradient. The RMSNorms keep their input (qtune/lean_ops.py;
+    Frozen 4-bit matmuls keep no input for a weight gradient. The RMSNorms keep their input (qtune/modeling/lean_ops.py;
     transformers' keep an fp32 copy) and their output feeds the LoRA branches after them (one shared tensor for q/k/v
-    and one for gate/up: peft's cast to fp32 is off, qtune.lean_ops.lora_inputs_stay_in_compute_dtype); attention
+    and one for gate/up: peft's cast to fp32 is off, qtune.modeling.lean_ops.lora_inputs_stay_in_compute_dtype); attention
     (SDPA) keeps q, k, v, the output and the log-sum-exp, and o_proj's LoRA its input; the MLP keeps gate and up
     (and SiLU's output, without the lean ops) and their product, down's input. With dropout, each LoRA branch adds
-    a 1-byte mask (qtune.lean_ops.lean_lora_dropout).
+    a 1-byte mask (qtune.modeling.lean_ops.lean_lora_dropout).
     """
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
@@ -133,13 +133,13 @@ def plan_training(
     lean = config.get_text_config().model_type in LEAN_MODEL_TYPES
     per_layer = activation_bytes_per_token_per_layer(shape, compute_bytes, recipe.lora.dropout > 0, lean)
     # Eager attention materialises scores and probabilities per layer: b x heads x s^2. SDPA does not, on GPUs and on
-    # CPU alike (measured on CPU: the same memory at 4,096 tokens as 16 x 256, 8 x 512 or 4 x 1024).
+    # CPU alike: its memory does not grow with the square of the row.
     from qtune.modeling.load import attention_implementation
 
     fused_attention = attention_implementation(config, recipe.model.attn_implementation) != "eager"
     score_bytes = 0 if fused_attention else sequences * shape.heads * recipe.data.max_length**2 * compute_bytes * 2
     # Per token of the row in flight, for each way of keeping activations. With checkpointing: the layer inputs
-    # kept, one layer recomputed at a time. With offloading too (qtune/offload.py): the layer inputs wait in CPU
+    # kept, one layer recomputed at a time. With offloading too (qtune/modeling/offload.py): the layer inputs wait in CPU
     # memory; the GPU holds one layer's recompute, the input being copied back and the gradient flowing down.
     layer_input = shape.hidden * compute_bytes
     transient = backward_transient_bytes_per_token(shape, compute_bytes, lean)
@@ -150,7 +150,7 @@ def plan_training(
     }
     scores = {"none": score_bytes * shape.layers, "checkpointing": score_bytes, "offload": score_bytes}
     activations_by_mode = {mode: tokens * per_token[mode] + scores[mode] for mode in per_token}
-    # The loss scores supervised positions only, a chunk of 2^23 fp32 logits at a time (qtune/loss.py), plus the
+    # The loss scores supervised positions only, a chunk of 2^23 fp32 logits at a time (qtune/modeling/loss.py), plus the
     # gathered hidden states and their gradient.
     from qtune.modeling.loss import LOGIT_CHUNK_ELEMENTS
 

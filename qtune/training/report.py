@@ -28,9 +28,9 @@ def peak_memory_bytes(use_cpu: bool) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries it over fork and exec, so a `qtune
-    train` started by a big process (a notebook kernel, pytest after an in-process training) reported the parent's
-    peak (measured: 1,513 MiB for a 13 MiB child of a 1.5 GB parent). /proc's VmHWM belongs to the process alone."""
+    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries it over fork and exec, so a `qtune train`
+    started by a big process (a notebook kernel, pytest after an in-process training) reported the parent's peak
+    (tests/test_train.py). /proc's VmHWM belongs to the process alone."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -43,7 +43,7 @@ def peak_rss_bytes() -> int:
 
 def compute_dtype_of(trainer):
     """The compute dtype the base was loaded (and so quantized) in: its 4-bit layers' (a base saved in 4-bit keeps
-    the uploader's in its config; qtune.model.load_base sets the recipe's on the layers), else the config's."""
+    the uploader's in its config; qtune.modeling.load.load_base sets the recipe's on the layers), else the config's."""
     import bitsandbytes as bnb
 
     for module in trainer.model.modules():

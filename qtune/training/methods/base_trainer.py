@@ -19,13 +19,15 @@ RESUME_AFTER_DISK_FULL = "free disk space (earlier checkpoints are intact) and r
 class QtuneTrainerMixin:
     """What every qtune trainer adds to trl's: injected faults for the tests, a trace of the micro-batches trained
     on, NaN/inf counting, activation offloading, and checkpoints that count only once their manifest is written
-    (qtune/checkpoints.py). Put before the trl trainer in the bases."""
+    (qtune/core/checkpoints.py). Put before the trl trainer in the bases."""
 
     def __init__(self, *args, keep_checkpoints: int = 3, offload_activations: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.offload_activations = offload_activations
-        self.step_trace = None  # qtune.testhooks.traced() sets it: a record of each micro-batch as it is trained on
+        self.step_trace = (
+            None  # qtune.core.testhooks.traced() sets it: a record of each micro-batch as it is trained on
+        )
         # micro-batches of the current optimizer step whose loss was NaN or inf, counted on the device (no sync per
         # micro-batch); callbacks.NonFiniteGuard reads and resets it once per step
         self.nonfinite_micro_batches = None
@@ -56,7 +58,7 @@ class QtuneTrainerMixin:
         return result
 
     def _save_checkpoint(self, model, trial):
-        """The Trainer's save, then the manifest that makes it count, then rotation (qtune/checkpoints.py)."""
+        """The Trainer's save, then the manifest that makes it count, then rotation (qtune/core/checkpoints.py)."""
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)

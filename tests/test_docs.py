@@ -1,0 +1,64 @@
+"""The documentation says what the code does: the recipe reference is generated from the schema and must be the one
+committed, every exit code is documented, and the README stays a landing page with the two commands CI runs."""
+
+import re
+from pathlib import Path
+
+from qtune.core import errors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_recipe_reference_is_generated_from_the_schema_and_not_stale():
+    from qtune.config.reference import recipe_reference
+
+    committed = (REPO / "docs" / "reference" / "recipe.md").read_text()
+    assert committed == recipe_reference(), (
+        "docs/reference/recipe.md is stale: python -m qtune.config.reference docs/reference/recipe.md"
+    )
+
+
+def test_the_reference_has_every_key_of_every_section():
+    from qtune.config.recipe import Recipe
+    from qtune.config.reference import nested_sections
+
+    page = (REPO / "docs" / "reference" / "recipe.md").read_text()
+    for name, section in nested_sections(Recipe):
+        for key in section.model_fields:
+            assert f"| `{name}.{key}` |" in page, f"{name}.{key}"
+    assert "| `dpo.beta` |" in page and "| `gguf_q4_k_m` |" in page and "| `orpo` |" in page
+
+
+def test_every_exit_code_is_documented():
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    codes = {name: value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", page, flags=re.M)}
+    assert set(codes.values()) <= documented, {n: v for n, v in codes.items() if v not in documented}
+
+
+def test_the_readme_is_a_landing_page_with_the_two_commands():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    demo = "pip install torch==2.13.0 && pip install -e . && qtune make-tiny-model runs/tiny-llama"
+    tests = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    assert demo in readme and tests in readme
+    assert tests.split(" && ")[-1] in (REPO / ".ci" / "run").read_text()  # CI runs the README's test command
+
+
+def test_every_doc_page_is_in_the_site():
+    import yaml
+
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+    listed = set()
+
+    def walk(items):
+        for item in items:
+            for value in item.values():
+                if isinstance(value, list):
+                    walk(value)
+                else:
+                    listed.add(value)
+
+    walk(config["nav"])
+    pages = {str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").rglob("*.md")}
+    assert pages == listed

@@ -169,17 +169,17 @@ def test_validate_and_recipe_errors_import_no_torch(tmp_path):
     recipe.write_text("model: {name: m}\nlora: {rank: 8}\n")
     probe = (
         "import sys; from qtune.cli import main; codes = [main(['validate', sys.argv[1]]), main(['train', sys.argv[1]])]; "
-        "print(codes, sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules))"
+        "print(codes, sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'numpy') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True)
     assert done.stdout.strip() == "[2, 2] []", done.stderr[-2000:]
 
 
 def test_validating_a_whole_recipe_imports_no_torch():
-    """The registries the recipe is made of (methods, formats, data kinds) stay light to import."""
+    """The registries the recipe is made of (methods, formats, data kinds) stay light to import: no torch, no numpy."""
     probe = (
         "import sys; from qtune.cli import main; code = main(['validate', 'recipes/demo-dpo.yaml']); "
-        "print(code, sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules))"
+        "print(code, sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'numpy') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]

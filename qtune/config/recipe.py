@@ -136,10 +136,9 @@ class TrainSection(Section):
     output_dir: str
     """Run folder: adapter/, checkpoints/, recipe.yaml, metrics.json, loss.png."""
     method: Literal[tuple(METHODS)] = "sft"
-    """How the adapter is trained (docs/methods.md): sft, supervised fine-tuning; dpo, direct preference optimization
-    against a reference (the base with the adapter off, or the model.adapter it starts from); orpo, odds-ratio
-    preference optimization, one stage, no reference. dpo and orpo need preference data and train without dropout.
-    A method's own settings are in the section of its name (dpo:, orpo:)."""
+    """How the adapter is trained: sft (supervised fine-tuning), or another of the training methods listed at the end of
+    this page (docs/methods.md), such as dpo or orpo on preference data. A method's own settings are in the section of
+    its name (dpo:, orpo:)."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run. When set, it wins over epochs."""
     epochs: float = Field(3, gt=0)

@@ -2,8 +2,10 @@
 choices, the names in the export folder, the free-disk estimate, the fidelity gate's floors, the loaders `qtune export`
 and `qtune eval` measure with, what `qtune push` uploads, which models can have a format, and the docs.
 
-Adding a format is one entry in FORMATS and its writer (a module beside this one, light to import: heavy libraries
-inside its functions, so that `qtune validate` stays free of torch). tests/test_formats.py checks every entry.
+Adding a format is one entry in FORMATS and its writer (a module beside this one). This module is imported whenever a
+recipe is read, so it imports nothing heavy: a writer module imports torch and transformers inside its functions, or
+(as the GGUF modules, which need numpy) the entry's write and load import it when called. tests/test_formats.py checks
+every entry; tests/test_layout.py that reading a recipe imports no torch or numpy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from qtune.core.folders import EXPORT_REPORT, LOCK, MARKER
 from qtune.export.formats import adapter, merged, nf4
-from qtune.export.formats.gguf import writer as gguf_writer
 from qtune.export.formats.gguf.support import gguf_problem
 
 if TYPE_CHECKING:
@@ -72,6 +73,25 @@ class ExportFormat:
     load: Callable | None  # (path, *, config, dtype, on_gpu) -> the model as its users load it; None: not loaded
 
 
+def write_gguf(quant: str) -> Callable[[ExportJob, Path], None]:
+    """The writer of GGUF quantization `quant`: the file and its Modelfile. (The GGUF modules import numpy: imported
+    when an export writes one, so that reading a recipe stays fast.)"""
+
+    def write(job: ExportJob, target: Path) -> None:
+        from qtune.export.formats.gguf.writer import write_gguf_artifact
+
+        write_gguf_artifact(job, target, quant, MODELFILE_SUFFIX)
+
+    return write
+
+
+def load_gguf(path: Path, **how):
+    """A GGUF file as transformers reads it, into the merged model's architecture (gguf/writer.py: load_gguf)."""
+    from qtune.export.formats.gguf.writer import load_gguf as load
+
+    return load(path, **how)
+
+
 def gguf_format(name: str, quant: str, *, bytes_per_parameter: float, fidelity_floor: float) -> ExportFormat:
     """A GGUF format: one file of llama.cpp quantization `quant`, with an Ollama Modelfile beside it."""
     return ExportFormat(
@@ -84,8 +104,8 @@ def gguf_format(name: str, quant: str, *, bytes_per_parameter: float, fidelity_f
         fidelity_floor=fidelity_floor,
         push_target="gguf",
         problem=gguf_problem,
-        write=lambda job, target: gguf_writer.write_gguf_artifact(job, target, quant, MODELFILE_SUFFIX),
-        load=gguf_writer.load_gguf,
+        write=write_gguf(quant),
+        load=load_gguf,
     )
 
 

@@ -11,7 +11,7 @@ every entry; tests/test_layout.py that reading a recipe imports no torch or nump
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,7 @@ class ExportJob:
     out: Path
     merge_base: str
     fp16_merge: Path | None = None
-    work_dir: Path | None = field(default=None)  # the fp16 merge when it is only a step: removed when the export ends
+    work_dir: Path | None = None  # the fp16 merge when it is only a step: removed when the export ends
 
     def merged_fp16(self) -> Path:
         """The fp16 merge: the merged_fp16 artifact when it was written before, else a work folder, written now."""
@@ -60,12 +60,10 @@ class ExportFormat:
 
     name: str  # the recipe's and the command line's name
     artifact: str  # its file or folder name in the export folder
-    summary: str  # what you get (docs, --help)
+    summary: str  # what you get (the docs)
     load_with: str  # how its users load it (docs)
     bytes_per_parameter: float  # disk per parameter of the base, for the free-disk check before writing
-    from_fp16_merge: (
-        bool  # written from the fp16 merge (a work folder, removed at the end, unless merged_fp16 is asked)
-    )
+    from_fp16_merge: bool  # written from the fp16 merge (counted in the disk estimate when not itself exported)
     fidelity_floor: float | None  # lowest top-1 agreement with the trained model; None: not measured (the adapter)
     push_target: str  # the `qtune push --what` that uploads it
     problem: Callable[[dict], str | None]  # why a model (its config.json) cannot have this format, or None

@@ -94,6 +94,22 @@ def family_run(tmp_path_factory, alpaca_file, family: str, folder: str, pretrain
     return train_run(tmp_path_factory, base, alpaca_file, f"{folder}-run")
 
 
+def gguf_read_back(model_dir: Path, gguf_path: Path):
+    """(the model in `model_dir`, the largest |Δlogit| of its GGUF file read back by qtune's loader) on 57 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.evaluation.fidelity import load_artifact
+    from qtune.export.formats.merged import merged_config
+    from qtune.modeling.config import load_config
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = merged_config(load_config(model_dir))
+    read_back = load_artifact("gguf_f16", gguf_path, config=config, on_gpu=False).eval()
+    ids = torch.tensor([list(range(3, 60))])
+    with torch.no_grad():
+        return model, (model(input_ids=ids).logits - read_back(input_ids=ids).logits).abs().max().item()
+
+
 # The Hub token the tests give the local stand-in of the Hub: it must never appear in a file, a log or a request body
 CANARY = "hf_CANARYtoken1234567890abcdefXYZ"
 

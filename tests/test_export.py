@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import recipe_dict, write_recipe
+from helpers import gguf_read_back, recipe_dict, write_recipe
 
 from qtune.config.runs import open_run
 from qtune.core.errors import EXIT_ENVIRONMENT, QtuneError
@@ -342,7 +342,6 @@ def test_gemma_and_phi3_gguf_files_read_back_as_the_model(family, tmp_path):
     import gguf
 
     from qtune.demo.tiny_models import write_tiny_model
-    from qtune.evaluation.fidelity import load_artifact
     from qtune.export.formats.gguf.writer import write_gguf
 
     model_dir = write_tiny_model(tmp_path / "model", family, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1)
@@ -355,13 +354,7 @@ def test_gemma_and_phi3_gguf_files_read_back_as_the_model(family, tmp_path):
         assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.ffn_gate.weight" not in names
     else:
         assert reader.fields[f"{arch}.attention.sliding_window"].contents() == 64
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    read_back = load_artifact("gguf_f16", path, config=merged_config(load_config(model_dir)), on_gpu=False).eval()
-    ids = torch.tensor([list(range(3, 60))])
-    with torch.no_grad():
-        difference = (model(input_ids=ids).logits - read_back(input_ids=ids).logits).abs().max().item()
+    model, difference = gguf_read_back(model_dir, path)
     assert difference < 0.01, difference
     if family != "phi3":  # the norm weights as llama.cpp wants them: 1 + Gemma's
         norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")

@@ -231,3 +231,17 @@ def test_fsdp_on_a_cpu_is_one_line_not_a_traceback(tmp_path, tiny_llama, alpaca_
     assert code == 4
     assert err.strip().splitlines()[-1].startswith("qtune: error: FSDP needs GPUs") and "torchrun" in err
     assert "Traceback" not in err
+
+
+def test_qtune_speaks_on_the_main_process_only():
+    """One logger for every stage: on global rank 0 (or without a launcher) its lines go to stdout, on the other ranks
+    nowhere, so a DDP run says each thing once."""
+    code = (
+        "from qtune.core.log import get_logger; get_logger('qtune.training.run').info('said once'); "
+        "get_logger('qtune.export.run').info('and this')"
+    )
+    for rank, expected in (("0", "said once\nand this\n"), ("1", "")):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "RANK": rank}, timeout=60
+        )
+        assert done.returncode == 0 and done.stdout == expected, (rank, done.stdout, done.stderr)

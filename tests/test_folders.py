@@ -176,3 +176,47 @@ def test_export_never_writes_into_a_folder_qtune_did_not_create(tmp_path, llama_
     before = snapshot(mine)
     code, _, err = run_cli("export", llama_run, "--format", "adapter", "--out", mine)
     assert code == RECIPE and "did not create" in err and snapshot(mine) == before
+
+
+def test_a_staged_write_replaces_the_target_only_when_whole(tmp_path):
+    """core.fs.staged, which every writer of a file or folder uses: a failure leaves the earlier target as it was and
+    nothing half-written; a success replaces it; a leftover of a killed attempt is cleared first."""
+    from qtune.core.fs import staged, staging_path
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "old.safetensors").write_text("old")
+    staging_path(target).mkdir()
+    (staging_path(target) / "leftover").write_text("x")
+    with pytest.raises(RuntimeError), staged(target) as staging:
+        assert list(staging.iterdir()) == []  # the leftover is gone before writing starts
+        (staging / "new.safetensors").write_text("half")
+        raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and (target / "old.safetensors").is_file()
+    with staged(target) as staging:
+        (staging / "new.safetensors").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.safetensors"] and sorted(os.listdir(tmp_path)) == ["merged"]
+    with staged(tmp_path / "model.gguf", folder=False) as staging:
+        staging.write_text("gguf")
+    assert (tmp_path / "model.gguf").read_text() == "gguf"
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [
+        ("meta-llama/Llama-2-7b-hf", False),
+        ("gpt2", False),
+        ("Qwen/Qwen2.5-7B-Instruct", False),
+        ("./runs/tiny-llama", True),
+        ("/data/models/llama", True),
+        ("~/models/llama", True),
+        ("runs/sft/adapter", True),
+        ("data/train.jsonl", True),
+        ("chats.parquet", True),
+    ],
+)
+def test_one_rule_tells_a_path_from_a_hub_id(name, local):
+    """Models, adapters and datasets use the same rule (it was three, with different counts of '/')."""
+    from qtune.core.fs import names_a_local_path
+
+    assert names_a_local_path(name) is local

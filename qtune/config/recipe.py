@@ -136,9 +136,9 @@ class TrainSection(Section):
     output_dir: str
     """Run folder: adapter/, checkpoints/, recipe.yaml, metrics.json, loss.png."""
     method: Literal[tuple(METHODS)] = "sft"
-    """How the adapter is trained: sft (supervised fine-tuning), or another of the training methods listed at the end of
-    this page (docs/methods.md), such as dpo or orpo on preference data. A method's own settings are in the section of
-    its name (dpo:, orpo:)."""
+    """How the adapter is trained: sft (supervised fine-tuning), or another training method of the registry (the recipe
+    reference lists them; docs/methods.md), such as dpo or orpo on preference data. A method's own settings are in the
+    section of its name (dpo:, orpo:)."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run. When set, it wins over epochs."""
     epochs: float = Field(3, gt=0)

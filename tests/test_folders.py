@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import recipe_dict, write_recipe
+from helpers import recipe_dict, write_jsonl, write_recipe
 
 from qtune.core.checkpoints import MANIFEST
 from qtune.core.errors import RecipeError
-from qtune.core.folders import LOCK, MARKER, FolderLock, claimed_run, is_run
+from qtune.core.folders import LOCK, MARKER, PREVIOUS, FolderLock, claimed_run, is_run
 
 RECIPE = 2
 
@@ -73,13 +73,45 @@ def test_overwrite_replaces_a_run_but_refuses_when_the_user_added_files(tmp_path
     with claimed_run(out, resume=False, overwrite=False):
         (out / "metrics.json").write_text("{}")
     assert is_run(out)
-    with claimed_run(out, resume=False, overwrite=True):
-        assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK]  # qtune's own files went, the lock stays
+    with claimed_run(out, resume=False, overwrite=True) as claim:
+        # qtune's own files are set aside until the new run starts, the lock stays
+        assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, LOCK, PREVIOUS])
+        assert sorted(p.name for p in (out / PREVIOUS).iterdir()) == [MARKER, "metrics.json"]
+        claim.started()
+        assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK]
     (out / "my-notes.txt").write_text("mine")
     with pytest.raises(RecipeError, match="did not write.*my-notes.txt") as error:
         with claimed_run(out, resume=False, overwrite=True):
             pass
     assert error.value.code == RECIPE and (out / "my-notes.txt").read_text() == "mine"
+
+
+def test_a_failed_overwrite_leaves_the_previous_run_as_it_was(tmp_path, tiny_llama, alpaca_file):
+    """Before: `--overwrite` deleted the previous run first, so a start that failed (a typo'd model, a bad data line)
+    left the folder empty. Now the previous run is set aside and put back; it goes only once training starts."""
+    out = tmp_path / "run"
+    with claimed_run(out, resume=False, overwrite=False):
+        (out / "adapter").mkdir()
+        (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights of last week")
+        (out / "metrics.json").write_text('{"eval_loss": 1.2}')
+    before = {name: data for name, data in snapshot(out).items() if name != LOCK}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x", "output": 3}])
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_llama, bad, out))
+    done = cli("train", recipe, "--overwrite")
+    assert done.returncode == 3 and "row 2 (line 2)" in done.stderr, done.stderr[-2000:]
+    assert {name: data for name, data in snapshot(out).items() if name != LOCK} == before
+    with pytest.raises(RuntimeError):  # the same for any failure inside the claim before started()
+        with claimed_run(out, resume=False, overwrite=True):
+            (out / "metrics.json").write_text("half")
+            raise RuntimeError
+    assert {name: data for name, data in snapshot(out).items() if name != LOCK} == before
+    # killed between the two (no exception ran): the next claim of the folder puts the previous run back first
+    from qtune.core.folders import set_aside
+
+    set_aside(out)
+    (out / "metrics.json").write_text("half")
+    with claimed_run(out, resume=True, overwrite=False):
+        assert {name: data for name, data in snapshot(out).items() if name != LOCK} == before
 
 
 def test_lock_refuses_a_second_holder_and_a_killed_holder_leaves_nothing_stuck(tmp_path):

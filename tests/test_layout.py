@@ -175,11 +175,22 @@ def test_validate_and_recipe_errors_import_no_torch(tmp_path):
     assert done.stdout.strip() == "[2, 2] []", done.stderr[-2000:]
 
 
-def test_validating_a_whole_recipe_imports_no_torch():
-    """The registries the recipe is made of (methods, formats, data kinds) stay light to import: no torch, no numpy."""
+def test_validating_a_whole_recipe_imports_no_torch(tmp_path):
+    """The registries the recipe is made of (methods, formats, data kinds) and validate's checks of the files it
+    names stay light to import: no torch, no numpy."""
+    import json
+
+    (tmp_path / "runs" / "tiny-llama").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "runs" / "demo" / "adapter").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "runs" / "demo" / "adapter" / name).write_text("{}")
+    pair = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    (tmp_path / "runs" / "demo-preference.jsonl").write_text(json.dumps(pair) + "\n")
+    recipe = PACKAGE.parent / "recipes" / "demo-dpo.yaml"
     probe = (
-        "import sys; from qtune.cli import main; code = main(['validate', 'recipes/demo-dpo.yaml']); "
+        f"import sys; from qtune.cli import main; code = main(['validate', {str(recipe)!r}]); "
         "print(code, sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'numpy') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE.parent)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]

@@ -42,7 +42,7 @@ def test_pad_token_is_distinct_from_eos(tiny_llama):
 
 
 def test_missing_model_folder_is_an_environment_error(tmp_path):
-    with pytest.raises(QtuneError, match="model folder not found") as info:
+    with pytest.raises(QtuneError, match="no such folder") as info:
         model_stage.load_tokenizer(ModelSection(name=str(tmp_path / "nope")))
     assert info.value.code == EXIT_ENVIRONMENT
     with pytest.raises(QtuneError, match="no config.json"):

@@ -214,12 +214,13 @@ def test_cli_validate_is_fast_and_imports_no_torch(tmp_path):
     """`qtune validate` must answer in under 2 s: it may not import torch or transformers."""
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')  # validate reads the data too
     code = (
         "import sys, qtune.cli; rc = qtune.cli.main(['validate', sys.argv[1]]); "
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules]; "
         "print('HEAVY', heavy); sys.exit(rc)"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout  # what "answers at once" stands for: nothing heavy is imported
     assert "ok:" in result.stdout

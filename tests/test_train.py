@@ -162,7 +162,7 @@ def test_dora_trains(tmp_path, tiny_qwen2, alpaca_file, run_cli):
     "change, code, message",
     [
         (lambda r, d: r["data"]["datasets"][0].update(path=str(d / "missing.jsonl")), 3, "dataset file not found"),
-        (lambda r, d: r["model"].update(name=str(d / "no-model")), 4, "model folder not found"),
+        (lambda r, d: r["model"].update(name=str(d / "no-model")), 4, "no such folder"),
         (lambda r, d: r["lora"].update(target_modules=["qkv"]), 2, "match no layer"),
         (lambda r, d: r["train"].update(extra={"warmup_step": 3}), 2, "did you mean 'warmup_steps'"),
         (

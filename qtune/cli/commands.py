@@ -10,11 +10,17 @@ from qtune.core.noise import quiet_library_noise
 
 
 def cmd_validate(args) -> int:
-    """`qtune validate`: checks a recipe without loading anything heavy, and says what it would train."""
-    from qtune.config.recipe import check_local_model, load_recipe
+    """`qtune validate`: checks a recipe, the paths it names and its data files without loading anything heavy,
+    says what it checked and what it skipped, and what it would train."""
+    from qtune.config.preflight import preflight
+    from qtune.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_local_model(recipe)
+    checked, skipped = preflight(recipe)
+    for line in checked:
+        print(f"checked: {line}")
+    for line in skipped:
+        print(f"skipped: {line}")
     steps = f"{recipe.train.max_steps} steps" if recipe.train.max_steps else f"{recipe.train.epochs:g} epochs"
     lora = f"continuing the adapter {recipe.model.adapter}" if recipe.model.adapter else f"LoRA r={recipe.lora.r}"
     print(
@@ -25,10 +31,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """`qtune train`: recipe and output-folder mistakes are found before torch is imported; then the pipeline."""
-    from qtune.config.recipe import check_local_model, load_recipe
+    """`qtune train`: recipe, path and output-folder mistakes are found before torch is imported; then the
+    pipeline."""
+    from qtune.config.preflight import check_local_model, check_local_paths
+    from qtune.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # recipe mistakes surface before torch is imported
+    check_local_paths(recipe)  # and a typo'd folder before the run folder is claimed
     check_local_model(recipe)
     if distributed.rank() == 0:
         check_run_folder(recipe.train.output_dir, resume=args.resume)  # and folder mistakes too

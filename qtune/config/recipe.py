@@ -10,7 +10,6 @@ Face library, and neither do the registries it reads.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -21,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from qtune.core.errors import RecipeError
 from qtune.core.schema import Section
 from qtune.data import DATA_FORMATS
-from qtune.export.formats import FORMAT_NAMES, PUSH_TARGETS, formats_problem
+from qtune.export.formats import FORMAT_NAMES, PUSH_TARGETS
 from qtune.training.methods import METHODS
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -237,16 +236,6 @@ class HubSection(Section):
 
 
 # --------------------------------------------------------------------------- checks and loading
-
-
-def check_local_model(recipe: Recipe) -> None:
-    """What a local model's config.json already says against the recipe (no torch, no download): exports its
-    architecture cannot have. A Hub model is checked at the start of `qtune train`, before the model loads."""
-    config = Path(recipe.model.name).expanduser() / "config.json"
-    if config.is_file():
-        problem = formats_problem(recipe.export.formats, json.loads(config.read_text()))
-        if problem:
-            raise RecipeError(problem, where=str(config), fix="change export.formats")
 
 
 class RecipeSections(Section):

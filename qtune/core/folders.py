@@ -24,6 +24,8 @@ from qtune.core.fs import remove
 
 MARKER = ".qtune"
 LOCK = ".qtune.lock"
+# Where `--overwrite` moves the previous run's entries until the new run starts, so that a failed start restores them
+PREVIOUS = ".qtune-previous"
 
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
@@ -44,6 +46,7 @@ RUN_ENTRIES = frozenset(
     {
         MARKER,
         LOCK,
+        PREVIOUS,
         RECIPE_FILE,
         CHECKPOINTS,
         ADAPTER,
@@ -71,11 +74,15 @@ def wrote_by_qtune(name: str, entries: frozenset[str]) -> bool:
 
 
 def is_marked(folder: Path, kind: str) -> bool:
-    """Whether `folder` holds qtune's marker for a folder of this kind ("run" or "export")."""
-    try:
-        return json.loads((folder / MARKER).read_text()).get("kind") == kind
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Whether `folder` holds qtune's marker for a folder of this kind ("run" or "export"), itself or in the run it
+    set aside for an --overwrite that was killed before it started."""
+    for marker in (folder / MARKER, folder / PREVIOUS / MARKER):
+        try:
+            if json.loads(marker.read_text()).get("kind") == kind:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def is_run(folder: Path) -> bool:
@@ -174,15 +181,26 @@ class FolderLock:
 
 
 class Claim:
-    """A folder this process holds the lock of. `abandon()` undoes the claim of a run that never started."""
+    """A folder this process holds the lock of. `abandon()` undoes the claim of a run that never started;
+    `started()` says it did, which makes an `--overwrite`'s replacement of the previous run final."""
 
-    def __init__(self, folder: Path, *, created: bool, was_empty: bool):
-        self.folder, self.created, self.was_empty = folder, created, was_empty
+    def __init__(self, folder: Path, *, created: bool, was_empty: bool, replaced: bool = False):
+        self.folder, self.created, self.was_empty, self.replaced = folder, created, was_empty, replaced
+
+    def started(self) -> None:
+        """The new run has started: the previous run's entries that `--overwrite` set aside are deleted."""
+        if self.replaced:
+            remove(self.folder / PREVIOUS)
+            self.replaced = False
 
     def abandon(self) -> None:
-        """Undoes the claim of a run that never started: a created folder removed, a user's empty one emptied."""
+        """Undoes the claim of a run that never started: a created folder removed, a user's empty one emptied, and a
+        previous run that `--overwrite` set aside put back as it was."""
         if self.created:
             shutil.rmtree(self.folder, ignore_errors=True)
+        elif self.replaced:
+            put_back(self.folder)
+            self.replaced = False
         elif self.was_empty:  # the user's empty folder: leave it empty, as it was
             for entry in self.folder.iterdir():
                 remove(entry)
@@ -193,7 +211,8 @@ def claimed(folder: Path, *, kind: str, entries: frozenset[str], overwrite: bool
     """Create or take over `folder` for writing and hold its lock for the block; yields a `Claim`.
 
     keep=True: an existing marked folder is written into as it is (resume; exports beside earlier ones).
-    overwrite=True: qtune's own entries in a marked folder are deleted first (the lock file excepted).
+    overwrite=True: qtune's own entries in a marked folder are set aside (renamed into PREVIOUS, the lock file
+    excepted); `Claim.started()` deletes them, `Claim.abandon()` puts them back.
     A non-empty folder without the marker, or a marked one holding anything qtune did not write, is refused
     whatever the flags, and nothing in it is touched.
     """
@@ -205,6 +224,8 @@ def claimed(folder: Path, *, kind: str, entries: frozenset[str], overwrite: bool
         raise EnvironmentProblem(f"cannot create {option} {folder}: {e.strerror}", fix="check permissions") from None
     lock = FolderLock(folder, what).acquire()
     try:
+        if (folder / PREVIOUS).is_dir():  # an --overwrite killed before its run started: the previous run comes back
+            put_back(folder)
         marked = is_marked(folder, kind)
         others = foreign_entries(folder, entries)
         if others:
@@ -221,15 +242,45 @@ def claimed(folder: Path, *, kind: str, entries: frozenset[str], overwrite: bool
                     else f"add --overwrite to replace it, or choose another {option}"
                 )
                 raise RecipeError(f"{option} {folder} holds a previous qtune {kind}", fix=fix)
-            for entry in folder.iterdir():
-                if entry.name != LOCK:
-                    remove(entry)
+            set_aside(folder)
+            replaced = True
+        else:
+            replaced = False
         was_empty = not foreign_entries(folder, frozenset({LOCK}))
-        if not is_marked(folder, kind):
+        if replaced or not is_marked(folder, kind):
             write_marker(folder, kind)
-        yield Claim(folder, created=created, was_empty=was_empty)
+        claim = Claim(folder, created=created, was_empty=was_empty, replaced=replaced)
+        try:
+            yield claim
+        except BaseException:
+            if claim.replaced:  # failed before the new run started: the previous one comes back
+                claim.abandon()
+            raise
+        claim.started()
     finally:
         lock.release()
+
+
+def set_aside(folder: Path) -> None:
+    """Renames every entry of `folder` but the lock into `folder/PREVIOUS` (one rename each, no copy); what an
+    earlier set-aside left there (a run killed before it started) is deleted first."""
+    previous = folder / PREVIOUS
+    remove(previous)
+    previous.mkdir()
+    for entry in folder.iterdir():
+        if entry.name not in (LOCK, PREVIOUS):
+            os.replace(entry, previous / entry.name)
+
+
+def put_back(folder: Path) -> None:
+    """Undoes `set_aside`: what was written since is deleted and the set-aside entries are renamed back."""
+    previous = folder / PREVIOUS
+    for entry in folder.iterdir():
+        if entry.name not in (LOCK, PREVIOUS):
+            remove(entry)
+    for entry in previous.iterdir():
+        os.replace(entry, folder / entry.name)
+    previous.rmdir()
 
 
 def check_run_folder(output_dir: str | Path, *, resume: bool) -> None:

@@ -112,6 +112,37 @@ LOCAL_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".yaml", ".yml", "
 
 
 def names_a_local_path(name: str) -> bool:
-    """True when `name` can only be a path on this machine, never a Hub id: it starts with ".", "/" or "~", has more
-    than one "/", or ends in a file suffix. Models, adapters and datasets are told apart by this one rule."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in LOCAL_FILE_SUFFIXES
+    """True when `name` is meant as a path on this machine, not a Hub id: it starts with ".", "/" or "~", has more
+    than one "/", ends in a file suffix, or is "folder/name" where that folder exists here (`runs/tiny-llama`).
+    Models, adapters and datasets are told apart by this one rule."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or Path(name).suffix in LOCAL_FILE_SUFFIXES
+        or ("/" in name and Path(name).parent.expanduser().is_dir())
+    )
+
+
+def similar_paths(name: str) -> list[str]:
+    """Up to three entries beside a path that does not exist, closest first, written as `name` was written
+    (`runs/tiny-lama` -> `runs/tiny-llama`): what a did-you-mean offers."""
+    from difflib import get_close_matches
+
+    path = Path(name).expanduser()
+    if not path.parent.is_dir():
+        return []
+    siblings = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
+    prefix = name[: len(name) - len(path.name)]
+    return [prefix + match for match in get_close_matches(path.name, siblings, n=3, cutoff=0.6)]
+
+
+def no_such_path(name: str, option: str, kind: str = "folder") -> str:
+    """The fix of a "no such folder" error: the closest paths beside it, else what the option accepts."""
+    close = similar_paths(name)
+    if close:
+        return "did you mean " + " or ".join(close) + f"? (check {option})"
+    parent = Path(name).expanduser().parent
+    if not parent.is_dir():
+        return f"check {option}: its folder {parent} does not exist either (relative paths start at the current folder)"
+    folder = "the current folder" if parent == Path(".") else str(parent)
+    return f"check {option}: {folder} holds no {kind} of a similar name"

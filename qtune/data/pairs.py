@@ -275,6 +275,7 @@ def describe(report: dict) -> str:
 PAIR_DATA = DataKind(
     name="preference pairs",
     formats=("preference",),
+    check_rows=normalize_pairs,
     build=build,
     describe=describe,
     as_lm_samples=as_lm_samples,

@@ -30,6 +30,7 @@ class DataKind:
 
     name: str
     formats: tuple[str, ...]
+    check_rows: Callable  # (rows, DatasetSpec) -> normalized rows: every check that needs no tokenizer (validate's)
     build: Callable  # (DataSection, tokenizer, *, seed) -> PreparedData
     describe: Callable  # (data report) -> the lines printed before the model loads
     as_lm_samples: Callable  # (tokenized split) -> datasets.Dataset of input_ids and labels

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtune.core.errors import DataError, EnvironmentProblem
-from qtune.core.fs import names_a_local_path
+from qtune.core.fs import names_a_local_path, no_such_path
+from qtune.core.network import hub_unreachable
 
 if TYPE_CHECKING:
     from qtune.config.recipe import DatasetSpec
@@ -45,9 +46,7 @@ def read_rows(spec: DatasetSpec) -> list[dict]:
     if path.is_file():
         return read_local_file(path)
     if names_a_local_path(spec.path):
-        raise DataError(
-            f"dataset file not found: {spec.path}", fix="check the path (relative paths start at the current folder)"
-        )
+        raise DataError(f"dataset file not found: {spec.path}", fix=no_such_path(spec.path, "the dataset path", "file"))
     return read_hub_dataset(spec)
 
 
@@ -106,6 +105,12 @@ def read_local_file(path: Path) -> list[dict]:
 
 def read_hub_dataset(spec: DatasetSpec) -> list[dict]:
     """The rows of a Hub dataset's split (through datasets, which caches it)."""
+    unreachable = hub_unreachable()
+    if unreachable is not None:  # datasets would retry for most of a minute; offline mode reads its cache at once
+        raise EnvironmentProblem(
+            f"cannot load Hub dataset '{spec.path}': the Hub cannot be reached ({unreachable})",
+            fix="check the path (a local file) and the network; set HF_HUB_OFFLINE=1 to use a copy in the datasets cache",
+        )
     import datasets
 
     try:

@@ -279,6 +279,7 @@ def as_lm_samples(dataset):
 SFT_DATA = DataKind(
     name="supervised samples",
     formats=tuple(FORMAT_COLUMNS),
+    check_rows=normalize_rows,
     build=build,
     describe=describe,
     as_lm_samples=as_lm_samples,

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from qtune.core.errors import EnvironmentProblem, QtuneError, RecipeError, hub_failure
-from qtune.core.fs import names_a_local_path
+from qtune.core.fs import names_a_local_path, no_such_path
+from qtune.core.network import hub_unreachable
 from qtune.modeling.config import load_config, model_source
 from qtune.modeling.lean_ops import lean_lora_dropout, use_lean_ops
 from qtune.modeling.precision import bnb_config, keep_cpu_4bit_layout_trainable
@@ -315,19 +316,26 @@ def adapter_source(model: ModelSection) -> str | None:
     if path.exists():
         folder = path
     elif names_a_local_path(model.adapter):
-        raise EnvironmentProblem(f"model.adapter not found: {model.adapter}", fix="check the path (or give user/name)")
+        raise EnvironmentProblem(f"no such folder: {model.adapter}", fix=no_such_path(model.adapter, "model.adapter"))
     else:
         from huggingface_hub import snapshot_download
 
+        unreachable = hub_unreachable()
         try:  # the adapter's two files only (a few MB); the endpoint as set now, not when the library was imported
             folder = Path(
                 snapshot_download(
                     model.adapter,
                     allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
                     endpoint=os.environ.get("HF_ENDPOINT") or None,
+                    local_files_only=unreachable is not None,
                 )
             )
         except Exception as e:  # offline, missing, gated: huggingface_hub raises many types
+            if unreachable is not None:
+                raise EnvironmentProblem(
+                    f"cannot reach the Hub ({unreachable}) and adapter '{model.adapter}' is not in the local cache",
+                    fix="check model.adapter (a run folder, or a Hub id) and the network",
+                ) from None
             raise hub_failure("reading adapter", model.adapter, e, fix="check model.adapter and your login") from None
     if not (folder / "adapter_config.json").is_file():
         raise EnvironmentProblem(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtune.core.errors import EnvironmentProblem, RecipeError
+from qtune.core.network import hub_unreachable
 
 
 def base_checkpoint(model_name: str, revision: str) -> Path:
@@ -15,11 +16,22 @@ def base_checkpoint(model_name: str, revision: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    unreachable = hub_unreachable()
     try:
-        return Path(snapshot_download(model_name, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+        return Path(
+            snapshot_download(
+                model_name,
+                revision=revision,
+                allow_patterns=["*.safetensors", "*.json"],
+                local_files_only=unreachable is not None,
+            )
+        )
     except Exception as e:  # offline, gated, missing: all mean the same to the user here
+        reason = (
+            f"the Hub cannot be reached ({unreachable}) and they are not cached" if unreachable else type(e).__name__
+        )
         raise EnvironmentProblem(
-            f"cannot get the base weights of {model_name}: {type(e).__name__}",
+            f"cannot get the base weights of {model_name}: {reason}",
             fix="make the base model available (network, `hf auth login`, or a local folder)",
         ) from None
 

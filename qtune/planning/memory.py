@@ -151,7 +151,7 @@ def describe_inventory(model_name: str, inv: Inventory) -> str:
 
 def memory_report(model_name: str, revision: str = "main") -> dict:
     """`qtune memory`: parameter counts and weight memory per precision, from config.json alone."""
-    config = load_config(model_name, revision)
+    config = load_config(model_name, revision, option="the MODEL argument")
     inv = inventory(config)
     return {
         "model": model_name,

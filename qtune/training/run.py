@@ -97,6 +97,8 @@ def train(
             if claim is not None:
                 claim.abandon()  # a run that never started leaves no folder behind
             raise
+        if claim is not None:
+            claim.started()  # only now is an --overwrite's previous run gone
         metrics = fit(recipe, run_dir, prepared)
         if then is not None and claim is not None:
             then(run_dir, metrics)

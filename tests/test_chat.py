@@ -88,3 +88,39 @@ def test_generate_cli_on_an_export(chat_run, tmp_path, run_cli):
 def test_missing_artifact(chat_run, run_cli):
     code, _, err = run_cli("generate", chat_run, "--artifact", "/nope", "--prompt", "x")
     assert code == 4 and "artifact not found" in err
+
+
+def test_chat_commands_work_piped_and_an_unknown_one_lists_them(monkeypatch):
+    """Before: piped into `qtune chat`, /quit, /help and /foo were sent to the model as messages."""
+    import io
+    from types import SimpleNamespace
+
+    from qtune.publish import chat
+
+    sent = []
+
+    def fake_generate(model, tokenizer, prompt, **_):
+        sent.append(prompt)
+        return SimpleNamespace(text=f"reply {len(sent)}", finish_reason="stop")
+
+    monkeypatch.setattr(chat, "generate", fake_generate)
+    tokenizer = lambda text: SimpleNamespace(input_ids=text)  # noqa: E731 (the raw style passes the text through)
+    out = io.StringIO()
+    session = "/help\n/foo bar\n//etc is a folder\nhello\n/reset\n/quit\nnever sent\n"
+    chat.chat_loop(None, tokenizer, "raw", stdin=io.StringIO(session), stdout=out)
+    lines = out.getvalue().splitlines()
+    assert sent == ["/etc is a folder", "hello"]
+    assert lines[0].startswith("[commands: /help ") and "/quit" in lines[0] and "/input" not in lines[0]
+    assert lines[1].startswith("[unknown command /foo; commands: /help ")
+    assert lines[2:] == ["model> reply 1", "model> reply 2", "[conversation cleared]"]
+    out = io.StringIO()
+    chat.chat_loop(None, tokenizer, "alpaca", stdin=io.StringIO("/help\n/exit\n"), stdout=out)
+    assert "/input TEXT" in out.getvalue()
+
+
+def test_chat_help_names_every_command():
+    from qtune.publish.chat import CHAT_COMMANDS
+
+    done = subprocess.run([sys.executable, "-m", "qtune", "chat", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert all(name in done.stdout for name in CHAT_COMMANDS) and "/quit" in done.stdout

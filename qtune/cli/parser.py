@@ -8,6 +8,7 @@ from qtune.config.recipe import MERGE_BASES
 from qtune.core.errors import EXIT_RECIPE, QtuneError
 from qtune.demo.tiny_models import FAMILIES
 from qtune.export.formats import FORMAT_NAMES, PUSH_TARGETS
+from qtune.publish.chat import CHAT_COMMANDS
 
 USAGE_EXAMPLES = """examples:
   qtune validate recipes/demo.yaml
@@ -148,11 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-length", type=int, default=512)
     report.add_argument("--out", help="folder for quantize_report/ (default: current folder)")
 
-    for name, helptext in (
-        ("generate", "one completion for --prompt (for scripts)"),
-        ("chat", "talk to the model (stdin; /reset, /exit)"),
+    chat_commands = "\n".join(f"  {name:<14}{what}" for name, what in CHAT_COMMANDS.items())
+    for name, helptext, epilog in (
+        ("generate", "one completion for --prompt (for scripts)", None),
+        (
+            "chat",
+            "talk to the model (stdin, a terminal or a pipe; /help lists the commands)",
+            f'commands (typed as a line, on a terminal or piped; "//text" sends "/text"):\n{chat_commands}',
+        ),
     ):
-        command = commands.add_parser(name, help=helptext)
+        command = commands.add_parser(
+            name,
+            help=helptext,
+            description=helptext,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.add_argument("run_dir")
         if name == "generate":
             command.add_argument("--prompt", required=True, help="the instruction (alpaca runs) or the user message")

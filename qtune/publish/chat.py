@@ -68,6 +68,22 @@ def build_prompt(tokenizer, style: str, messages: list[dict], *, alpaca_input: s
     return tokenizer(alpaca_prompt(last, alpaca_input) if style == "alpaca" else last).input_ids
 
 
+# The chat's commands, as /help lists them. A line starting with "/" is always a command, on a terminal or piped;
+# "//text" sends "/text" to the model.
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the conversation",
+    "/input TEXT": "give the next instruction an input (alpaca runs)",
+    "/exit": "quit (also /quit, or Ctrl-D)",
+}
+
+
+def chat_help(style: str) -> str:
+    """The commands in one line, /input only where the run can use it."""
+    shown = {name: what for name, what in CHAT_COMMANDS.items() if style == "alpaca" or not name.startswith("/input")}
+    return "commands: " + "; ".join(f"{name} {what}" for name, what in shown.items()) + '; "//text" sends "/text"'
+
+
 def chat_loop(
     model,
     tokenizer,
@@ -79,15 +95,15 @@ def chat_loop(
     temperature: float = 0.0,
     system: str | None = None,
 ) -> None:
-    """Talks to the model line by line from `stdin` until /exit or the end of input; /reset clears the history."""
+    """Talks to the model line by line from `stdin` until /exit, /quit or the end of input. Lines starting with "/"
+    are commands (CHAT_COMMANDS), on a terminal and piped alike; an unknown one is answered with the list."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()
     alpaca_input = ""
     if interactive:
-        extra = "; /input TEXT gives the next instruction an input" if style == "alpaca" else ""
-        print(f"qtune chat: type a message; /reset clears the history{extra}, /exit (or Ctrl-D) quits.", file=stdout)
+        print(f"qtune chat: type a message. {chat_help(style)}", file=stdout)
     while True:
         if interactive:
             print("you> ", end="", file=stdout, flush=True)
@@ -97,17 +113,27 @@ def chat_loop(
         line = line.strip()
         if not line:
             continue
-        if line == "/exit":
+        command, _, argument = line.partition(" ")
+        if line.startswith("//"):
+            line = line[1:]
+        elif command in ("/exit", "/quit"):
             break
-        if line == "/reset":
+        elif command == "/reset":
             history = history[:1] if system else []
+            print("[conversation cleared]", file=stdout)
             continue
-        if line.startswith("/input"):
+        elif command == "/help":
+            print(f"[{chat_help(style)}]", file=stdout)
+            continue
+        elif command == "/input":
             if style != "alpaca":
                 print("[/input is for runs trained on alpaca data; type the whole message instead]", file=stdout)
             else:
-                alpaca_input = line.removeprefix("/input").strip()
+                alpaca_input = argument.strip()
                 print(f"[input for the next instruction: {alpaca_input!r}]", file=stdout)
+            continue
+        elif command.startswith("/"):
+            print(f"[unknown command {command}; {chat_help(style)}]", file=stdout)
             continue
         history.append({"role": "user", "content": line})
         prompt = build_prompt(tokenizer, style, history, alpaca_input=alpaca_input)

@@ -62,3 +62,35 @@ def test_every_doc_page_is_in_the_site():
     walk(config["nav"])
     pages = {str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").rglob("*.md")}
     assert pages == listed
+
+
+def test_the_loading_snippet_runs_on_a_run_and_prints_no_library_warning(llama_run):
+    """The getting-started page's "Loading the result" block, on a finished run: it loads, and prints nothing (it
+    printed peft's FutureWarning about `is_gradient_checkpointing`)."""
+    import os
+    import subprocess
+    import sys
+
+    from qtune.config.runs import open_run
+
+    page = (REPO / "docs" / "getting-started.md").read_text()
+    snippet = re.search(r"Loading the result:\n\n```python\n(.*?)```", page, re.S).group(1)
+    base = open_run(llama_run).recipe.model.name
+    code = snippet.replace('"runs/tiny-llama"', repr(base)).replace(
+        '"runs/demo/adapter"', repr(str(llama_run / "adapter"))
+    )
+    assert code != snippet
+    code += "\nprint(type(model).__name__, tokenizer.eos_token is not None)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "PeftModelForCausalLM True"
+    # transformers' "Loading weights" bar is all it may print
+    assert [
+        line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "Loading weights" not in line
+    ] == []

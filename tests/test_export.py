@@ -430,3 +430,37 @@ def test_phi3_longrope_writes_its_factors_and_other_rope_scalings_are_refused(tm
     assert "yarn rope scaling" in gguf_problem(yarn)
     older = {"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}}  # a config.json before 4.45
     assert "yarn rope scaling" in gguf_problem(older)
+
+
+def test_a_second_export_keeps_the_figures_of_the_artifacts_still_there(llama_run, tmp_path):
+    """Before: exporting f16 after q8_0 left export_report.json and the page with the new artifact only, while the
+    folder held both. The first export runs as a user runs it: no library lines, no internal work-folder name."""
+    import os
+    import subprocess
+    import sys
+
+    from qtune.core.folders import EXPORT_REPORT, REPORT_PAGE
+
+    run = shutil.copytree(llama_run, tmp_path / "run")
+    first = subprocess.run(
+        [sys.executable, "-m", "qtune", "export", str(run), "--format", "gguf_q8_0", "--eval-samples", "2"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    said = first.stdout + first.stderr
+    noise = ("Unknown separator token", "TemplateProcessing", "Converting and de-quantizing", ".merged-fp16-work")
+    assert [line for line in noise if line in said] == [], said[-3000:]
+    assert "export: fp16 merge (the step the 4-bit and GGUF files start from; not kept)" in said
+    report = export(run, ["merged_fp16"], eval_samples=2)
+    rows = report["artifacts"]
+    assert list(rows) == ["merged_fp16", "gguf_q8_0"]  # the registry's order
+    assert rows["gguf_q8_0"]["kept"] is True and "kept" not in rows["merged_fp16"]
+    assert rows["gguf_q8_0"]["measured"]["reference"]["samples"] == 2
+    assert json.loads((run / "export" / EXPORT_REPORT).read_text())["artifacts"].keys() == rows.keys()
+    page = (run / REPORT_PAGE).read_text()
+    assert "<td>gguf_q8_0</td>" in page and "<td>merged_fp16</td>" in page and "earlier export (" in page
+    (run / "export" / "model-q8_0.gguf").unlink()  # deleted by the user: no longer reported
+    assert list(export(run, ["merged_fp16"], eval_samples=2)["artifacts"]) == ["merged_fp16"]

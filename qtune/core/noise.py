@@ -4,13 +4,16 @@ they happen (the paged optimizer on CPU, a busy machine). tests/test_first_run.p
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 
 def quiet_library_noise() -> None:
     """Silences what users cannot act on (library log lines, deprecation notices, per-tensor progress bars); real
     warnings still show."""
-    import logging
     import warnings
 
     # bitsandbytes looks for an optional hub-hosted CPU kernel on every import and logs its absence.
@@ -39,3 +42,25 @@ def quiet_library_noise() -> None:
     # lm-evaluation-harness warns that a loaded model "is not of type str" and logs each seed and task it sets up;
     # `qtune eval --tasks` states the tasks, seeds and cost itself. Its request progress bars stay.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    # gguf-py's SpecialVocab notes a sentence-pair template it cannot map ("Unknown separator token
+    # '<|begin_of_text|>' in TemplateProcessing<pair>", Llama 3 tokenizers): pairs are never used by a causal LM.
+    logging.getLogger("gguf.vocab").addFilter(not_a_pair_template_note)
+
+
+def not_a_pair_template_note(record: logging.LogRecord) -> bool:
+    """A logging filter: False for gguf-py's notes about a tokenizer's sentence-pair template."""
+    return "TemplateProcessing<pair>" not in record.getMessage()
+
+
+@contextmanager
+def no_gguf_dequantize_bar() -> Iterator[None]:
+    """Loading a GGUF file in transformers draws a bar per tensor ("Converting and de-quantizing GGUF tensors") with
+    plain tqdm, which transformers' own disable_progress_bar() does not reach: switched off for the block."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+
+    drawn_with = gguf_loading.tqdm
+    gguf_loading.tqdm = partial(drawn_with, disable=True)
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = drawn_with

@@ -107,9 +107,11 @@ def format_table(rows: dict[str, dict], reference_perplexity: float) -> str:
         if "load_error" in row:
             lines.append(f"{name:<14} {row.get('size_bytes', 0) / 2**20:>9.1f} did not load: {row['load_error'][:80]}")
             continue
+        kept = f"  (kept from the export of {row['measured'].get('at')})" if row.get("kept") else ""
         lines.append(
             f"{name:<14} {row.get('size_bytes', 0) / 2**20:>9.1f} {row['perplexity']:>9.4f} {row['mean_kl']:>10.2e} "
             f"{100 * row['top1_agreement']:>7.2f}% {100 * row['top1_agreement_raw']:>8.2f}% {row['max_abs_logit_diff']:>12.4f}"
+            + kept
         )
     return "\n".join(lines)
 

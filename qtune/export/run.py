@@ -20,7 +20,7 @@ from qtune.core.folders import EXPORT_REPORT, claimed
 from qtune.core.fs import disk_full, is_disk_full, remove, write_json_atomically
 from qtune.core.log import get_logger
 from qtune.evaluation.fidelity import fidelity_gate, fidelity_report, fidelity_samples
-from qtune.export.formats import EXPORT_FOLDER_ENTRIES, FORMATS, ExportJob, formats_problem
+from qtune.export.formats import EXPORT_FOLDER_ENTRIES, FORMATS, REJECTED_SUFFIX, ExportJob, formats_problem
 from qtune.modeling.config import load_config
 from qtune.planning.memory import inventory
 from qtune.publish.report_page import build_report
@@ -68,6 +68,38 @@ def check_free_disk(out_dir: Path, needed_bytes: int) -> None:
             where=str(probe),
             fix="free some space, choose fewer formats, or --out on a bigger disk",
         )
+
+
+def read_report(path: Path) -> dict | None:
+    """An earlier export_report.json, or None when there is none (or it does not read: it is replaced)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def keep_earlier_rows(report: dict, earlier: dict | None, out: Path) -> list[str]:
+    """Adds to `report` the rows of the earlier export into `out` whose artifact this export did not write and whose
+    file is still there, each marked with when and against what it was measured; the rows of this export are marked
+    as measured now. Returns the kept formats."""
+    for row in report["artifacts"].values():
+        row.setdefault("measured", {"at": report["exported_at"], "reference": report["reference"]})
+    kept = []
+    for fmt, row in (earlier or {}).get("artifacts", {}).items():
+        if fmt in report["artifacts"] or fmt not in FORMATS:
+            continue
+        path = out / FORMATS[fmt].artifact
+        if row.get("rejected"):
+            path = path.with_name(path.name + REJECTED_SUFFIX)
+        if not path.exists():  # deleted since: nothing to report
+            continue
+        measured = row.get("measured") or {"at": earlier.get("exported_at"), "reference": earlier.get("reference")}
+        report["artifacts"][fmt] = {**row, "path": str(path), "measured": measured, "kept": True}
+        kept.append(fmt)
+    report["artifacts"] = {fmt: report["artifacts"][fmt] for fmt in FORMATS if fmt in report["artifacts"]}
+    return kept
 
 
 def export(
@@ -124,8 +156,13 @@ def export(
         finally:
             if job.work_dir is not None:
                 remove(job.work_dir)
-        report.update(export_seconds=seconds, formats=formats, out_dir=str(out))
+        report.update(
+            export_seconds=seconds, formats=formats, out_dir=str(out), exported_at=time.strftime("%Y-%m-%d %H:%M")
+        )
         rejected = fidelity_gate(report, written)
+        kept = keep_earlier_rows(report, read_report(out / EXPORT_REPORT), out)
+        if kept:
+            log.info(f"export: kept the measurements of {', '.join(kept)} from the earlier export (files unchanged)")
         write_json_atomically(out / EXPORT_REPORT, report)
     log.info(f"export: report written to {out / EXPORT_REPORT}")
     if out.resolve() == trained.export_dir.resolve():  # the run's own exports: its page shows them

@@ -258,20 +258,33 @@ def exports_section(report: dict | None) -> str:
     rows = "".join(
         f"<tr><td>{esc(name)}</td><td class=num>{row.get('size_bytes', 0) / 2**20:,.1f}</td>"
         f"<td class=num>{row['perplexity']:.4f}</td><td class=num>{row['mean_kl']:.2e}</td>"
-        f"<td class=num>{100 * row['top1_agreement']:.2f}%</td><td class=num>{row['max_abs_logit_diff']:.4f}</td></tr>"
+        f"<td class=num>{100 * row['top1_agreement']:.2f}%</td><td class=num>{row['max_abs_logit_diff']:.4f}</td>"
+        f"<td>{esc(measured_when(row))}</td></tr>"
         for name, row in artifacts.items()
     )
     reference = report.get("reference", {})
     out = (
         f"<p class=muted>Each export reloaded as its users load it and compared with the adapter on the NF4 base "
         f"({reference.get('samples')} validation samples, reference perplexity {fmt(reference.get('perplexity'), '.4f')}, "
-        f"merge base {esc(str(report.get('merge_base')))}).</p>"
+        f"merge base {esc(str(report.get('merge_base')))}). Artifacts an earlier <code>qtune export</code> wrote into "
+        "the folder keep the figures measured then.</p>"
         "<table><tr><th>artifact</th><th>size MiB</th><th>perplexity</th><th>mean KL</th><th>top-1 agreement</th>"
-        "<th>max |Δlogit|</th></tr>" + rows + "</table>"
+        "<th>max |Δlogit|</th><th>measured</th></tr>" + rows + "</table>"
     )
     if artifacts:
         out += figure(lambda ax: size_kl_chart(ax, artifacts), "What each export saved (size) and what it cost (KL).")
     return out
+
+
+def measured_when(row: dict) -> str:
+    """When an export row was measured: by the latest export, or kept from an earlier one (with its reference when
+    that differs)."""
+    measured = row.get("measured") or {}
+    if not row.get("kept"):
+        return f"this export ({measured['at']})" if measured.get("at") else "this export"
+    reference = measured.get("reference") or {}
+    against = f", {reference.get('samples')} samples" if reference else ""
+    return f"earlier export ({measured.get('at') or 'date unknown'}{against})"
 
 
 def size_kl_chart(ax, artifacts: dict) -> None:

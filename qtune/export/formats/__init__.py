@@ -44,7 +44,13 @@ class ExportJob:
     def merged_fp16(self) -> Path:
         """The fp16 merge: the merged_fp16 artifact when it was written before, else a work folder, written now."""
         if self.fp16_merge is None:
-            self.work_dir = merged.write_merged(self.trained, self.out / MERGE_WORK, "float16", self.merge_base)
+            self.work_dir = merged.write_merged(
+                self.trained,
+                self.out / MERGE_WORK,
+                "float16",
+                self.merge_base,
+                label="fp16 merge (the step the 4-bit and GGUF files start from; not kept)",
+            )
             self.fp16_merge = self.work_dir
         return self.fp16_merge
 

@@ -170,10 +170,15 @@ def merged_config(config):
 
 
 def write_merged(
-    run: TrainedRun, target: Path, dtype_name: str, merge_base: str, shard_bytes: int = SHARD_BYTES
+    run: TrainedRun,
+    target: Path,
+    dtype_name: str,
+    merge_base: str,
+    shard_bytes: int = SHARD_BYTES,
+    label: str | None = None,
 ) -> Path:
     """Merges the adapter into the base, streaming tensor by tensor from the base checkpoint into sharded safetensors
-    in `dtype_name` at `target`; returns `target`.
+    in `dtype_name` at `target`; returns `target`. `label` names it in the log line (default: its file name).
 
     The default base is the dequantized NF4 weights the adapter was trained against: merging there reproduces the
     adapter-on-NF4 model (the LoRA delta compensated for the quantization error), while merging into the original
@@ -245,7 +250,7 @@ def write_merged(
             shutil.copy2(folder / "generation_config.json", staging / "generation_config.json")
         copy_tokenizer(run.adapter_dir, staging)
         fault_point("merged")
-    log.info(f"export: {target.name}: {writer.total / 2**20:.1f} MiB in {len(writer.files)} shard(s)")
+    log.info(f"export: {label or target.name}: {writer.total / 2**20:.1f} MiB in {len(writer.files)} shard(s)")
     return target
 
 

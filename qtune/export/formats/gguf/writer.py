@@ -17,6 +17,7 @@ import numpy as np
 from qtune.core.errors import EXIT_ENVIRONMENT, QtuneError
 from qtune.core.fs import staged, write_text_atomically
 from qtune.core.log import get_logger
+from qtune.core.noise import no_gguf_dequantize_bar
 from qtune.core.testhooks import fault_point
 from qtune.export.formats.gguf.families import add_hyperparameters, as_llama_cpp_expects, extra_tensors
 from qtune.export.formats.gguf.kquants import BLOCK_BYTES, quantize_k
@@ -242,9 +243,10 @@ def load_gguf(path: Path, *, config, dtype, on_gpu: bool):
         dropped = ("model_type", "architectures", "sliding_window")
         config = AutoConfig.for_model(read_back_as, **{k: v for k, v in config.to_dict().items() if k not in dropped})
     placement = {"device_map": device_map()} if on_gpu else {}
-    return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, config=config, dtype=dtype, **placement
-    )
+    with no_gguf_dequantize_bar():
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, dtype=dtype, **placement
+        )
 
 
 def tensor_shape(location: dict[str, Path], name: str) -> tuple[int, ...]:

@@ -163,6 +163,63 @@ def test_plan_breakdown_and_fit_advice(tmp_path, run_cli):
     assert code == 2 and "unknown --gpu" in err
 
 
+@pytest.mark.parametrize(
+    "extra, context, rope",
+    [
+        ({}, 4096, None),
+        (  # Llama 3.1: max_position_embeddings is the scaled context already
+            {
+                "max_position_embeddings": 131072,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                },
+            },
+            131072,
+            "llama3",
+        ),
+        (  # Qwen2.5's yarn recipe keeps max_position_embeddings at the original 32k
+            {
+                "max_position_embeddings": 32768,
+                "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+            },
+            131072,
+            "yarn",
+        ),
+    ],
+)
+def test_plan_caps_the_longest_max_length_at_the_models_context(tmp_path, run_cli, extra, context, rope):
+    """Before: Llama-2-7B on a T4 was offered 23,410 tokens for its 4,096-token context (the demo model 1,155,179)."""
+    from qtune.config.recipe import validate_recipe
+    from qtune.planning.plan import context_table, memory_max_length, plan_training
+
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA2_7B, **extra}))
+    raw = {
+        "model": {"name": str(tmp_path)},
+        "data": {"datasets": [{"path": "d.jsonl", "format": "alpaca"}], "max_length": 200_000},
+        "train": {"output_dir": str(tmp_path / "run"), "gradient_checkpointing": True, "offload_activations": False},
+    }
+    plan = plan_training(validate_recipe(raw), gpu_gib=80.0)
+    assert plan["context_length"] == context and plan["rope_scaling"] == rope
+    assert plan["largest_max_length"] <= context
+    table = context_table(plan)
+    cells = [
+        int(cell.replace(",", "")) for line in table[1:] for cell in line.split() if cell.replace(",", "").isdigit()
+    ]
+    assert cells and max(cells) <= context
+    if memory_max_length(plan, 80 * 2**30, "checkpointing") > context:
+        assert "ctx" in table[-2] and table[-1].startswith(f"  ctx: the model's context, {context:,} positions")
+        assert "rope scaling" in table[-1] and (rope or "longer rows need") in table[-1]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli("plan", recipe, "--gpu", "t4")
+    assert code == 0, err
+    assert f"warning: data.max_length 200,000 is longer than the model's context, {context:,} positions" in out
+
+
 def test_train_warns_when_the_plan_predicts_oom(tmp_path, monkeypatch, capsys):
     """On a GPU, `qtune train` prints the plan's warning and goes on (no GPU here: the device is faked)."""
     import types

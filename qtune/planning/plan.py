@@ -220,6 +220,8 @@ def plan_training(
     result["bytes_per_token"] = {m: (per_token[m] + loss_per_token) * sequences for m in per_token}
     result["score_bytes_per_token_squared"] = {m: scores[m] / recipe.data.max_length**2 for m in scores}
     result["sequences_in_flight"] = sequences
+    result["max_length"] = recipe.data.max_length
+    result.update(model_context(config))
     if budget_bytes is not None:
         budget = budget_bytes
         result["gpu_bytes"] = budget
@@ -232,8 +234,25 @@ def plan_training(
     return result
 
 
-def largest_max_length(plan: dict, budget_bytes: float, mode: str) -> int:
-    """The longest row that fits `budget_bytes` keeping activations in `mode` (none, checkpointing, offload)."""
+def model_context(config) -> dict:
+    """The longest row the model's positions cover, and how: max_position_embeddings, or a rope scaling's factor times
+    its original context when that is larger (Qwen's yarn keeps max_position_embeddings at the original)."""
+    text = config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one set per attention type
+    rope_type = rope.get("rope_type") or rope.get("type")
+    rope_type = None if rope_type in (None, "default") else rope_type
+    scaled = None
+    if rope_type and rope.get("factor") and rope.get("original_max_position_embeddings"):
+        scaled = int(rope["factor"] * rope["original_max_position_embeddings"])
+    lengths = [n for n in (positions, scaled) if n]
+    return {"context_length": max(lengths) if lengths else None, "rope_scaling": rope_type}
+
+
+def memory_max_length(plan: dict, budget_bytes: float, mode: str) -> int:
+    """The longest row whose activations fit `budget_bytes` keeping them in `mode` (none, checkpointing, offload),
+    whatever the model's context."""
     free = budget_bytes - plan["bytes_fixed"]
     if free <= 0:
         return 0
@@ -243,15 +262,39 @@ def largest_max_length(plan: dict, budget_bytes: float, mode: str) -> int:
     return int((-linear + (linear**2 + 4 * square * free) ** 0.5) / (2 * square))
 
 
+def largest_max_length(plan: dict, budget_bytes: float, mode: str) -> int:
+    """The longest data.max_length worth setting: what fits `budget_bytes`, at most the model's context."""
+    fits = memory_max_length(plan, budget_bytes, mode)
+    return min(fits, plan["context_length"]) if plan.get("context_length") else fits
+
+
+def context_note(plan: dict) -> str:
+    """The model's context as the plan words it: its length and where it comes from."""
+    length = plan.get("context_length")
+    if plan.get("rope_scaling"):
+        return f"the model's context, {length:,} positions with its {plan['rope_scaling']} rope scaling"
+    return (
+        f"the model's context, {length:,} positions (max_position_embeddings; longer rows need a rope scaling such "
+        "as linear or yarn in its config.json)"
+    )
+
+
 def context_table(plan: dict) -> list[str]:
-    """Largest data.max_length per GPU, with gradient checkpointing alone and with offloading too."""
+    """Largest data.max_length per GPU, with gradient checkpointing alone and with offloading too; `ctx` where the
+    model's context, not memory, is the limit."""
     lines = [f"  {'GPU':<12}{'checkpointing':>15}{'+ offloading':>15}   (largest data.max_length that fits)"]
+    capped = False
     for name, gib in GPUS_GIB.items():
         budget = gib * 2**30
-        lines.append(
-            f"  {name:<12}{largest_max_length(plan, budget, 'checkpointing'):>15,}"
-            f"{largest_max_length(plan, budget, 'offload'):>15,}"
-        )
+        cells = []
+        for mode in ("checkpointing", "offload"):
+            length = largest_max_length(plan, budget, mode)
+            at_context = length < memory_max_length(plan, budget, mode)
+            capped |= at_context
+            cells.append(f"{length:,}" + (" ctx" if at_context else ""))
+        lines.append(f"  {name:<12}{cells[0]:>15}{cells[1]:>15}")
+    if capped:
+        lines.append(f"  ctx: {context_note(plan)}, is the limit; memory alone would allow more")
     return lines
 
 
@@ -267,6 +310,11 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
             f"{plan['tokens_per_micro_batch'] // plan['sequences_in_flight']} tokens at a time)"
         )
     ]
+    if plan.get("context_length") and plan["max_length"] > plan["context_length"]:
+        lines.append(
+            f"  warning: data.max_length {plan['max_length']:,} is longer than {context_note(plan)}: positions "
+            "past it were never trained"
+        )
     for name, value in plan["parts"].items():
         lines.append(f"  {name.replace('_', ' '):<32} {value / gib:8.2f} GiB")
     planned = (
@@ -292,9 +340,12 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
         verdict = "fits" if plan["fits"] else "does NOT fit"
         lines.append(f"{gpu}: {plan['gpu_bytes'] / gib:.0f} GiB -> {verdict}")
         if not plan["fits"]:
+            at_context = plan["largest_max_length"] == plan.get("context_length")
             lines.append(
-                f"  largest data.max_length that fits: {plan['largest_max_length']} (train.micro_batch_size "
-                f"does not change the peak: one packed row of <= max_length tokens is in flight at a time)"
+                f"  largest data.max_length that fits: {plan['largest_max_length']}"
+                + (" (the model's context)" if at_context else "")
+                + " (train.micro_batch_size does not change the peak: one packed row of <= max_length tokens is in "
+                "flight at a time)"
             )
             if "with_gradient_checkpointing_bytes" in plan:
                 lines.append(

@@ -272,3 +272,30 @@ def test_the_family_recipes_fit_a_16_gb_card_by_the_plan(recipe_name, config_nam
     plan = plan_training(recipe, budget_bytes=int(15 * 2**30 * AUTO_GPU_SHARE), compute_bytes=2)
     assert plan["fits"], (recipe_name, plan["total_bytes"] / 2**30)
     assert export_formats_problem(recipe.export.formats, json.loads((folder / "config.json").read_text())) is None
+
+
+@pytest.mark.parametrize(
+    "key, qtune_name",
+    [
+        ("train.learning_rate", "train.lr"),
+        ("train.per_device_train_batch_size", "train.micro_batch_size"),
+        ("train.gradient_accumulation_steps", "train.grad_accum"),
+        ("train.num_train_epochs", "train.epochs"),
+        ("train.max_seq_length", "data.max_length"),
+        ("lora.lora_alpha", "lora.alpha"),
+        ("learning_rate", "train.lr"),
+    ],
+)
+def test_names_from_trl_and_axolotl_get_a_did_you_mean_to_qtunes(key, qtune_name):
+    """Before: `train.learning_rate` got the list of known keys, but no "did you mean 'lr'"."""
+    with pytest.raises(RecipeError) as error:
+        validate_recipe(with_change(key, 1))
+    assert f"unknown {'key' if '.' in key else 'section'} '{key}'" in error.value.what
+    assert error.value.fix.startswith(f"did you mean '{qtune_name}'?")
+
+
+def test_every_synonym_names_a_real_key():
+    from qtune.config.recipe import SYNONYMS, known_keys
+
+    assert [name for name in SYNONYMS.values() if name.split(".")[1] not in known_keys([name.split(".")[0]])] == []
+    assert [name for name in SYNONYMS if name in known_keys([])] == []  # never a section's own name

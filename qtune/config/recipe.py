@@ -370,11 +370,43 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+# The names users bring from transformers' TrainingArguments, trl, peft, bitsandbytes and axolotl, and qtune's name
+# for the same setting: an unknown key that is one of them gets a did-you-mean to qtune's, in whatever section it is.
+SYNONYMS = {
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_accumulation": "train.grad_accum",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "optim": "train.optimizer",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",
+    "max_length": "data.max_length",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "base_model": "model.name",
+    "model_name_or_path": "model.name",
+    "output_dir": "train.output_dir",
+    "bnb_4bit_quant_type": "quant.type",
+    "bnb_4bit_use_double_quant": "quant.double_quant",
+    "bnb_4bit_compute_dtype": "quant.compute_dtype",
+}
+
+
 def describe_validation_error(error: dict) -> tuple[str, str | None]:
     """(what, how to fix) for one pydantic error."""
     loc = plain_location(error["loc"])
     dotted = ".".join(loc) or "recipe"
     kind = error["type"]
+    if kind == "extra_forbidden" and SYNONYMS.get(loc[-1], dotted) != dotted:
+        noun = "key" if len(loc) > 1 else "section"
+        return f"unknown {noun} '{dotted}'", f"did you mean '{SYNONYMS[loc[-1]]}'? (qtune's name for {loc[-1]})"
     if kind == "extra_forbidden":
         known = known_keys(loc[:-1])
         guess = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)

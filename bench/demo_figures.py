@@ -1,10 +1,12 @@
-"""The demo figures (bench/README.md), regenerated: the first command's steps timed, the losses, eval, export and what the
-model answers, all from the commands a user runs, in a scratch folder (runs/ is not touched).
+"""The demo figures (bench/README.md), regenerated: the first command's steps timed, the losses, eval, export, the
+task benchmark, the DPO stage and what the model answers, all from the commands a user runs, in a scratch folder
+(runs/ is not touched), with the environment they ran in (the CPU kind decides the digits: qtune doctor).
 
-    python bench/demo_figures.py [--work DIR]
+    python bench/demo_figures.py [--work DIR] [--name NAME]
+    ATEN_CPU_CAPABILITY=avx2 python bench/demo_figures.py --name avx2    # torch's AVX2 kernels on an AVX512 machine
 
-Prints the figures as Markdown table rows and writes bench/results/demo_figures.json. Run it on an idle machine
-whenever the code the demo goes through changes, and paste the rows into bench/README.md.
+Prints the figures as Markdown table rows and writes bench/results/demo_figures[-NAME].json. Run it on an idle
+machine whenever the code the demo goes through changes, and paste the rows into bench/README.md.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def exact_match(run: Path, rows: list[dict], cwd: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--name", help="suffix of the results file (a CPU kind, a kernel level)")
     args = parser.parse_args()
     work = (args.work or Path(tempfile.mkdtemp(prefix="qtune-demo-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -104,6 +107,22 @@ def main() -> None:
     figures["export"] = json.loads((work / "runs/demo/export/export_report.json").read_text())
     figures["tasks_s"], tasks_log = qtune("eval", "runs/demo", "--tasks", "runs/demo-task/demo_choice.yaml", cwd=work)
     figures["tasks"] = json.loads((work / "runs/demo/eval_report.json").read_text())["tasks"]
+    (work / "recipes/demo-dpo.yaml").write_text((REPO / "recipes/demo-dpo.yaml").read_text())
+    figures["dpo_s"], _ = qtune("train", "recipes/demo-dpo.yaml", cwd=work)
+    dpo = json.loads((work / "runs/demo-dpo/metrics.json").read_text())
+    figures["dpo"] = {
+        k: dpo[k]
+        for k in (
+            "eval_reward_accuracy_before",
+            "eval_reward_accuracy",
+            "eval_reward_margin_before",
+            "eval_reward_margin",
+            "train_seconds",
+            "tokens_per_second",
+            "peak_memory_bytes",
+        )
+    }
+    figures["environment"] = metrics["environment"]  # where the demo trained: versions, CPU kind, torch's kernels
     recipe = yaml.safe_load((work / "recipes/demo.yaml").read_text())
     sys.path.insert(0, str(REPO))
     from qtune.demo.tiny_models import demo_rows
@@ -112,7 +131,15 @@ def main() -> None:
     os.chdir(work)  # a word or a sum may also occur in training
     figures["exact_match"] = exact_match(Path(recipe["train"]["output_dir"]), rows, work)
     (BENCH / "results").mkdir(exist_ok=True)
-    (BENCH / "results/demo_figures.json").write_text(json.dumps(figures, indent=2))
+    results = BENCH / "results" / (f"demo_figures-{args.name}.json" if args.name else "demo_figures.json")
+    results.write_text(json.dumps(figures, indent=2))
+    env = figures["environment"]
+    differs = ", ".join(f"{n} {d['installed']}" for n, d in env["differs_from_tested"].items()) or "none"
+    print(
+        f"environment: {env['cpu']['kind']} ({env['cpu']['model']}), torch kernels {env['cpu']['torch_kernels']}, "
+        f"qtune {env['qtune']}, transformers {env['versions']['transformers']}, torch {env['versions']['torch']}; "
+        f"packages not at the tested version: {differs}"
+    )
 
     t = figures["train"]
     print(
@@ -147,6 +174,16 @@ def main() -> None:
         acc = entry["scores"]["demo_choice"]["acc"]
         diff = "" if name == "adapter" else f"{acc['value'] - adapter:+.4f}"
         print(f"| {name} | {acc['value']:.4f} | {acc['stderr']:.4f} | {diff} | {entry['seconds']:.1f} |")
+    d = figures["dpo"]
+    print(
+        f"\n| `qtune train recipes/demo-dpo.yaml` (process start to end) | {figures['dpo_s']:.0f} s; training "
+        f"{d['train_seconds']:.0f} s; validation reward accuracy {d['eval_reward_accuracy_before']:.3f} -> "
+        f"{d['eval_reward_accuracy']:.3f}, margin {d['eval_reward_margin_before']:.2f} -> {d['eval_reward_margin']:.2f} |"
+    )
+    reference = figures["export"]["reference"]["perplexity"]
+    print(
+        f"| export reference perplexity (adapter on NF4, {figures['export']['reference']['samples']} samples) | {reference:.4f} |"
+    )
     print()
     for task, share in figures["exact_match"]["per_task"].items():
         print(

@@ -39,8 +39,10 @@ def test_every_exit_code_is_documented():
 def test_the_readme_is_a_landing_page_with_the_two_commands():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 200
-    demo = "pip install torch==2.13.0 && pip install -e . && qtune make-tiny-model runs/tiny-llama"
-    tests = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    demo = (
+        'pip install torch==2.13.0 && pip install -c qtune/constraints.txt -e ".[eval]" && qtune make-tiny-model runs/'
+    )
+    tests = 'pip install torch==2.13.0 && pip install -c qtune/constraints.txt -e ".[test]" && python -m pytest'
     assert demo in readme and tests in readme
     assert tests.split(" && ")[-1] in (REPO / ".ci" / "run").read_text()  # CI runs the README's test command
 
@@ -94,3 +96,12 @@ def test_the_loading_snippet_runs_on_a_run_and_prints_no_library_warning(llama_r
     assert [
         line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "Loading weights" not in line
     ] == []
+
+
+def test_the_demo_recipes_name_the_readmes_make_tiny_model_command():
+    """Before: recipes/demo-dpo.yaml's comments left out --demo-task, so following them broke `qtune eval --tasks`."""
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"qtune make-tiny-model [^&]*", readme).group(0).strip()
+    assert "--demo-task" in command
+    for recipe in ("demo.yaml", "demo-dpo.yaml"):
+        assert f"#   {command}\n" in (REPO / "recipes" / recipe).read_text(), recipe

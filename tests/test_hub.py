@@ -35,6 +35,7 @@ def test_push_adapter_and_gguf(hub, llama_run, tmp_path, run_cli):
     assert meta["library_name"] == "peft" and "qlora" in meta["tags"] and meta["pipeline_tag"] == "text-generation"
     assert "PeftModel.from_pretrained" in card and "ollama create" in card and "Export fidelity" in card
     assert "eval loss before -> after" in card
+    assert "| environment | qtune " in card and " cores, no GPU; " in card  # the record of metrics.json, quoted
     # the run's page goes along, and the card links it
     assert files["report.html"] == (run / "report.html").read_bytes() and "[report.html](report.html)" in card
     assert_canary_absent(hub, [run])

@@ -41,6 +41,9 @@ def test_cli_train_end_to_end(tmp_path, tiny_llama, alpaca_file, run_cli):
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)
     assert metrics["train_tokens"] > 0 and metrics["tokens_per_second"] > 0
     assert metrics["peak_memory_bytes"] > 10 * 2**20
+    env = metrics["environment"]  # where it trained, for the page, the card and whoever compares figures
+    assert env["versions"]["transformers"] and env["cpu"]["kind"] and env["gpu"] is None
+    assert isinstance(env["differs_from_tested"], dict)
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {
         p.name for p in (out / "adapter").iterdir()
     }

@@ -48,6 +48,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """`qtune doctor`: the versions, CPU and GPU, and how they differ from the tested set."""
+    import json
+
+    from qtune.core.environment import describe_environment, environment
+
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else "\n".join(describe_environment(env)))
+    return 0
+
+
 def cmd_export(args) -> int:
     """`qtune export`: the requested formats, each measured and gated."""
     quiet_library_noise()
@@ -251,4 +262,5 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "make-tiny-model": cmd_make_tiny_model,
+    "doctor": cmd_doctor,
 }

@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
-    validate = commands.add_parser("validate", help="check a recipe (fast, loads nothing)")
+    validate = commands.add_parser(
+        "validate", help="check a recipe, the folders it names and its data files (fast, loads no model)"
+    )
     validate.add_argument("recipe")
     add_overrides(validate)
 
@@ -105,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to upload (repeatable; default: adapter)",
     )
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+
+    doctor = commands.add_parser(
+        "doctor", help="versions, CPU and GPU, and how they differ from the versions qtune is tested with"
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of the lines")
 
     memory = commands.add_parser("memory", help="weight memory per precision, from config.json alone")
     memory.add_argument("model", help="Hub id or local folder (only config.json is read)")

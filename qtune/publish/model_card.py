@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from qtune.config.runs import open_run
+from qtune.core.environment import environment_summary
 from qtune.core.folders import EVAL_REPORT, EXPORT_REPORT, REPORT_PAGE
 from qtune.core.text import fmt
 from qtune.evaluation.metrics import format_table
@@ -73,6 +74,7 @@ def training_rows(recipe, metrics: dict) -> list[tuple[str, str]]:
         ("train loss", fmt(metrics.get("train_loss"))),
         ("eval loss before -> after", f"{fmt(metrics.get('eval_loss_before'))} -> {fmt(metrics.get('eval_loss'))}"),
         *method.result_rows(metrics),
+        *([("environment", environment_summary(metrics["environment"]))] if metrics.get("environment") else []),
     ]
 
 

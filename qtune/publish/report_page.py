@@ -354,31 +354,45 @@ def task_chart(ax, rows: list[dict]) -> None:
 
 
 def environment_section(metrics: dict) -> str:
-    """The versions and machine the page was built with, and the training's memory kind and dtype."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Where the run trained (the record metrics.json keeps: versions against the tested set, CPU kind, GPU), and
+    the training's memory kind and dtype. A run from before the record: the versions the page is built with."""
+    env = metrics.get("environment")
+    if env:
+        cpu, gpu, differs = env.get("cpu", {}), env.get("gpu"), env.get("differs_from_tested") or {}
+        rows = [
+            ("qtune", env.get("qtune")),
+            ("python", f"{env.get('python')} ({env.get('platform')})"),
+            ("CPU", f"{cpu.get('kind')}: {cpu.get('model')}, {cpu.get('cores')} cores"),
+            ("torch's CPU kernels", cpu.get("torch_kernels", "n/a")),
+            ("GPU", f"{gpu['name']} x{gpu['count']}, {gpu['memory_gib']} GiB, CUDA {gpu['cuda']}" if gpu else "none"),
+        ]
+        for package, version in env.get("versions", {}).items():
+            if version is not None:
+                rows.append(
+                    (package, version + (f" (tested: {differs[package]['tested']})" if package in differs else ""))
+                )
+        note = (
+            "Where the run trained. Every package at the version qtune is tested with (qtune doctor)."
+            if not differs
+            else f"Where the run trained. {len(differs)} package(s) not at the version qtune is tested with: its "
+            "figures may differ from qtune's in the later digits."
+        )
+    else:
+        from importlib.metadata import PackageNotFoundError, version
 
-    rows = [("python", platform.python_version()), ("machine", platform.machine())]
-    for package in (
-        "qtune",
-        "torch",
-        "transformers",
-        "peft",
-        "trl",
-        "bitsandbytes",
-        "accelerate",
-        "datasets",
-        "lm_eval",
-    ):
-        try:
-            rows.append((package, version(package)))
-        except PackageNotFoundError:
-            rows.append((package, "not installed"))
+        rows = [("python", platform.python_version()), ("machine", platform.machine())]
+        for package in ("qtune", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+            try:
+                rows.append((package, version(package)))
+            except PackageNotFoundError:
+                rows.append((package, "not installed"))
+        note = "Where this page was built (the run kept no record of its own environment)."
     rows.append(("memory measured as", metrics.get("peak_memory_kind", "n/a")))
     rows.append(("compute dtype", metrics.get("compute_dtype", "n/a")))
     rows.append(("processes", metrics.get("world_size", "n/a")))
     return (
-        "<p class=muted>Where this page was built (the training's own device is in the memory figure's kind).</p>"
-        "<table>" + "".join(f"<tr><td>{k}</td><td>{esc(str(v))}</td></tr>" for k, v in rows) + "</table>"
+        f"<p class=muted>{esc(note)}</p>"
+        "<table>" + "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>" for k, v in rows) + "</table>"
     )
 
 

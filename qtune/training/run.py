@@ -24,6 +24,7 @@ from qtune.config.recipe import Recipe, recipe_to_yaml
 from qtune.core import distributed, testhooks
 from qtune.core.checkpoints import MANIFEST
 from qtune.core.cpu_threads import FreeCoreThreads
+from qtune.core.environment import environment, version_differences
 from qtune.core.errors import EXIT_INTEGRITY, EXIT_INTERRUPTED, EnvironmentProblem, QtuneError, RecipeError
 from qtune.core.folders import ADAPTER, EVAL_BEFORE, GENERATIONS, HISTORY, LOSS_PLOT, METRICS, RECIPE_FILE, claimed_run
 from qtune.core.fs import write_json_atomically, write_text_atomically
@@ -154,6 +155,10 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
     compute_dtype = resolve_compute_dtype(recipe.quant.compute_dtype)
     if not use_cpu:
         warn_if_plan_predicts_oom(recipe)
+    differs = version_differences()
+    if differs:  # the run works; its digits may not match the figures qtune states
+        listed = ", ".join(f"{name} {d['installed']} (tested {d['tested']})" for name, d in differs.items())
+        log.info(f"environment: {listed}: not the tested versions (qtune doctor; kept in metrics.json)")
     if use_cpu and recipe.train.optimizer.startswith("paged_"):
         log.info(
             f"optimizer: {recipe.train.optimizer} pages its state only on a GPU; on CPU bitsandbytes runs it unpaged "
@@ -339,6 +344,7 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared) -> dict:
         "data": data.report,
     }
     metrics["world_size"] = trainer.args.world_size
+    metrics["environment"] = environment()
     metrics.update(method.metrics(trainer.state.log_history, before, final_eval))
     testhooks.record_final_weights(trainer.model, run_dir, trainer.args.process_index)
     if main_process:

@@ -2,11 +2,12 @@
 task benchmark, the DPO stage and what the model answers, all from the commands a user runs, in a scratch folder
 (runs/ is not touched), with the environment they ran in (the CPU kind decides the digits: qtune doctor).
 
-    python bench/demo_figures.py [--work DIR] [--name NAME]
-    ATEN_CPU_CAPABILITY=avx2 python bench/demo_figures.py --name avx2    # torch's AVX2 kernels on an AVX512 machine
+    python bench/demo_figures.py [--work DIR]
+    ATEN_CPU_CAPABILITY=avx2 python bench/demo_figures.py    # torch's AVX2 kernels on an AVX512 machine
 
-Prints the figures as Markdown table rows and writes bench/results/demo_figures[-NAME].json. Run it on an idle
-machine whenever the code the demo goes through changes, and paste the rows into bench/README.md.
+Prints the figures as Markdown table rows and writes bench/results/demo_figures-<CPU kind>-<torch kernels>.json (one
+file per kind: the digits depend on it). Run it on an idle machine whenever the code the demo goes through changes,
+and paste the rows into bench/README.md; tests/test_docs.py checks the README's ranges hold every kind's file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,7 +69,6 @@ def exact_match(run: Path, rows: list[dict], cwd: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path)
-    parser.add_argument("--name", help="suffix of the results file (a CPU kind, a kernel level)")
     args = parser.parse_args()
     work = (args.work or Path(tempfile.mkdtemp(prefix="qtune-demo-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,8 @@ def main() -> None:
     os.chdir(work)  # a word or a sum may also occur in training
     figures["exact_match"] = exact_match(Path(recipe["train"]["output_dir"]), rows, work)
     (BENCH / "results").mkdir(exist_ok=True)
-    results = BENCH / "results" / (f"demo_figures-{args.name}.json" if args.name else "demo_figures.json")
+    kind = f"{figures['environment']['cpu']['kind']} {figures['environment']['cpu']['torch_kernels']}"
+    results = BENCH / "results" / f"demo_figures-{re.sub(r'[^a-z0-9]+', '-', kind.lower()).strip('-')}.json"
     results.write_text(json.dumps(figures, indent=2))
     env = figures["environment"]
     differs = ", ".join(f"{n} {d['installed']}" for n, d in env["differs_from_tested"].items()) or "none"

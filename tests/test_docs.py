@@ -105,3 +105,33 @@ def test_the_demo_recipes_name_the_readmes_make_tiny_model_command():
     assert "--demo-task" in command
     for recipe in ("demo.yaml", "demo-dpo.yaml"):
         assert f"#   {command}\n" in (REPO / "recipes" / recipe).read_text(), recipe
+
+
+def test_the_readmes_demo_ranges_hold_every_cpu_kind_measured():
+    """Before: the README stated one machine's digits as what everyone gets. Now it states ranges, and each CPU kind's
+    recorded run (bench/results/demo_figures-<kind>.json, written by bench/demo_figures.py) must fall inside them."""
+    import json
+
+    readme = (REPO / "README.md").read_text()
+    number = r"(\d+(?:\.\d+)?)"
+    loss = re.search(rf"eval loss goes from {number}-{number} to {number}-{number}", readme).groups()
+    task = re.search(
+        rf"no better than chance \({number} to {number} of 4 choices.*?\) to\s+{number}-{number}", readme, re.S
+    ).groups()
+    reward = re.search(rf"reward accuracy of {number}-{number}", readme).groups()
+    runs = sorted((REPO / "bench" / "results").glob("demo_figures-*.json"))
+    assert len(runs) >= 3, runs  # the kinds the README's ranges name
+    for path in runs:
+        run = json.loads(path.read_text())
+
+        def inside(value, low, high, digits):
+            return float(low) <= round(value, digits) <= float(high)
+
+        assert inside(run["train"]["eval_loss_before"], *loss[:2], 1), path.name
+        assert inside(run["train"]["eval_loss"], *loss[2:], 2), path.name
+        scores = {
+            name: entry["scores"]["demo_choice"]["acc"]["value"] for name, entry in run["tasks"]["artifacts"].items()
+        }
+        assert inside(scores["base (4-bit)"], *task[:2], 2) and inside(scores["adapter"], *task[2:], 2), path.name
+        if "dpo" in run:  # recorded since 2026-12-06
+            assert inside(run["dpo"]["eval_reward_accuracy"], *reward, 2), path.name

@@ -9,6 +9,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenized-data cache (qtune.data.tokenized) and datasets' own: a fresh one per test session, never the user's.
+os.environ["HF_DATASETS_CACHE"] = __import__("tempfile").mkdtemp(prefix="qtune-test-datasets-")
 
 import json
 from pathlib import Path

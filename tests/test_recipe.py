@@ -81,7 +81,7 @@ def test_unknown_keys_suggest_the_right_one(key, value, expected):
         ("lora.r", 0, "lora.r"),
         ("lora.r", "sixteen", "lora.r"),
         ("lora.dropout", 1.0, "lora.dropout"),
-        ("data.val_size", 1.0, "data.val_size"),
+        ("data.val_size", 1.5, "data.val_size"),
         ("data.val_size", -0.1, "data.val_size"),
         ("data.max_length", 0, "data.max_length"),
         ("train.micro_batch_size", 0, "train.micro_batch_size"),
@@ -127,6 +127,8 @@ def test_trust_remote_code_needs_a_pinned_commit():
 
 def test_val_size_and_val_datasets_are_exclusive():
     raw = with_change("data.val_datasets", [{"path": "v.jsonl", "format": "alpaca"}])
+    assert validate_recipe(raw).data.val_datasets[0].path == "v.jsonl"  # val_size unset: the explicit set is it
+    raw["data"]["val_size"] = 0.05
     with pytest.raises(RecipeError, match="val_size"):
         validate_recipe(raw)
     raw["data"]["val_size"] = 0

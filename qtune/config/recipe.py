@@ -109,20 +109,31 @@ class DataSection(Section):
     datasets: list[DatasetSpec] = Field(min_length=1)
     """Training datasets; several are mixed into one run."""
     val_datasets: list[DatasetSpec] = []
-    """Explicit validation datasets. When given, val_size must be 0."""
+    """Explicit validation datasets. When given, val_size stays unset (or 0)."""
     max_length: int = Field(1024, gt=0)
     """Longest tokenized sample; longer ones are truncated (a sample left with nothing to learn is dropped)."""
-    val_size: float = Field(0.02, ge=0, lt=1)
-    """Fraction of the training rows held out for evaluation."""
+    val_size: float | None = Field(None, ge=0)
+    """Samples held out of the training data for evaluation: a fraction below 1, or a count (200); 0: none. Unset: 2%
+    of the samples, at most 1,000 (with streaming: the first 200 of the stream)."""
     train_on_inputs: bool = False
     """Also compute the loss on prompts / user turns (default: only on completions and assistant turns)."""
     chat_template: str | None = None
     """Jinja chat template for messages/sharegpt data, or 'chatml'. Default: the tokenizer's own."""
+    streaming: bool = False
+    """Read the datasets as a stream (Hub or local, bigger than the disk or the memory): tokenized as training reads
+    them, nothing cached; needs train.max_steps, and for validation val_datasets or val_size as a count."""
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataSection:
-        if self.val_datasets and self.val_size > 0:
+        if self.val_datasets and self.val_size:
             raise ValueError("give either data.val_datasets or data.val_size > 0, not both (set val_size: 0)")
+        if self.val_size is not None and self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ValueError(f"data.val_size {self.val_size} is neither a fraction below 1 nor a count of samples")
+        if self.streaming and self.val_size is not None and 0 < self.val_size < 1:
+            raise ValueError(
+                "data.streaming has no total to take a fraction of: give val_size as a count of samples (e.g. 200), "
+                "val_datasets, or val_size: 0"
+            )
         return self
 
 
@@ -255,6 +266,12 @@ class RecipeSections(Section):
     def _checkpoint_push_needs_a_repo(self) -> RecipeSections:
         if self.hub.push_checkpoints and not self.hub.repo_id:
             raise ValueError("hub.push_checkpoints needs hub.repo_id")
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_needs_max_steps(self) -> RecipeSections:
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming has no length to count epochs in: set train.max_steps")
         return self
 
     @model_validator(mode="after")

@@ -45,6 +45,8 @@ def fidelity_samples(
     kind = kind_of(section.datasets[0].format)
     prepared = kind.build(section, tokenizer, seed=trained.recipe.train.seed)
     dataset = prepared.val if prepared.val is not None and not eval_data else prepared.train
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
     return metrics.samples_from(kind.as_lm_samples(dataset), limit, max_tokens)
 
 

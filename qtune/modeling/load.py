@@ -185,12 +185,8 @@ def align_special_tokens(base, tokenizer) -> None:
 def check_vocabulary_fits(base, tokenizer, prepared) -> None:
     """Token ids beyond the embedding table crash deep inside the first forward pass; say so up front."""
     rows = base.get_input_embeddings().num_embeddings
-    splits = [prepared.train] + ([prepared.val] if prepared.val is not None else [])
-    columns = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids") if c in prepared.train.column_names]
-    highest = max(
-        [tokenizer.pad_token_id]
-        + [max((max(ids) for ids in split[column] if ids), default=0) for split in splits for column in columns]
-    )
+    # the data report has the samples' highest id; a stream, not read ahead, is bounded by the tokenizer's size
+    highest = max(tokenizer.pad_token_id, prepared.report.get("highest_token_id", len(tokenizer) - 1))
     if highest >= rows:
         raise EnvironmentProblem(
             f"the tokenizer produces token id {highest} but the model's embedding table has {rows} rows",

@@ -126,13 +126,15 @@ def data_section(report: dict) -> str:
         else:
             value = f"{report.get(key, 'n/a'):,}" if isinstance(report.get(key), int) else report.get(key, "n/a")
         rows.append(f"<tr><td>{label}</td><td class=num>{esc(str(value))}</td></tr>")
+    if report.get("streaming"):
+        rows.append("<tr><td>read as</td><td class=num>a stream, tokenized as training read it</td></tr>")
     if report.get("train_tokens"):
         share = report.get("train_supervised_tokens", 0) / report["train_tokens"]
         rows.append(f"<tr><td>supervised share</td><td class=num>{100 * share:.1f}%</td></tr>")
     sources = report.get("sources", [])
     per_source = "".join(
         f"<tr><td>{esc(s['path'])}</td><td>{esc(s['format'])}</td><td>{esc(s.get('role', 'train'))}</td>"
-        f"<td class=num>{s['rows']:,}</td><td class=num>{s.get('truncated', 0)}</td><td class=num>{s.get('dropped', 0)}</td></tr>"
+        f"<td class=num>{source_rows(s)}</td><td class=num>{s.get('truncated', 0)}</td><td class=num>{s.get('dropped', 0)}</td></tr>"
         for s in sources
     )
     out = "<table>" + "".join(rows) + "</table>"
@@ -143,11 +145,17 @@ def data_section(report: dict) -> str:
     )
     histogram = report.get("length_histogram")
     if histogram:
+        which = "validation" if report.get("streaming") else "training"
         out += figure(
             lambda ax: histogram_chart(ax, histogram),
-            "Tokens per training sample (prompt + answer; pairs: prompt + the longer answer).",
+            f"Tokens per {which} sample (prompt + answer; pairs: prompt + the longer answer).",
         )
     return out
+
+
+def source_rows(source: dict) -> str:
+    """A dataset's row count as the page shows it ("streamed" for a stream, whose rows are not counted ahead)."""
+    return f"{source['rows']:,}" if "rows" in source else "streamed"
 
 
 def histogram_chart(ax, histogram: dict) -> None:

@@ -24,6 +24,31 @@ from qtune.publish import hub
 log = get_logger(__name__)
 
 
+class StepClock(TrainerCallback):
+    """The wall time of the optimizer steps alone (no set-up, evaluation or checkpoint saving), and when the first
+    one began: what tokens/s and the closing line's split between set-up and training are counted from."""
+
+    def __init__(self):
+        self.step_seconds = 0.0
+        self.first_step_at: float | None = None  # time.perf_counter() when this session's first step began
+        self.started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        """Starts the step's clock (and notes the session's first step)."""
+        self.started = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = self.started
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Adds the step's wall time, its GPU work finished."""
+        if self.started is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are queued, not done, when the Trainer returns
+        self.step_seconds += time.perf_counter() - self.started
+        self.started = None
+
+
 class LossProgress(ProgressCallback):
     """The stock tqdm bar (steps, ETA) with loss, lr and tokens/s on it instead of printed dicts."""
 

@@ -105,9 +105,18 @@ def summary(metrics: dict, run_dir: Path, method_rows: list[tuple[str, str]]) ->
         + [f"{label}: {value}" for label, value in method_rows]
         + [f"train loss {fmt(metrics['train_loss'])}"]
     )
+    setup = metrics.get("setup_seconds")
+    took = [
+        f"set-up {setup:.1f} s (data {metrics['data_seconds']:.1f} s, model {metrics['load_seconds']:.1f} s)"
+        if setup is not None
+        else None,
+        f"evaluation {metrics['evaluation_seconds']:.1f} s" if metrics.get("evaluation_seconds") else None,
+    ]
     return (
-        f"done: {metrics['global_step']} steps in {metrics['train_seconds']:.1f} s, "
-        f"{fmt(metrics['tokens_per_second'], '.0f')} tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB\n"
+        f"done: {metrics['global_step']} steps in {metrics['train_seconds']:.1f} s of training, "
+        f"{fmt(metrics['tokens_per_second'], '.0f')} tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
+        + "".join(f"; {part}" for part in took if part)
+        + "\n"
         f"{figures}\n"
         f"adapter: {run_dir / ADAPTER}   metrics: {run_dir / METRICS}   curve: {run_dir / LOSS_PLOT}"
     )
@@ -120,7 +129,14 @@ def write_generations(trainer, data, path: Path, as_lm_samples, *, count: int = 
     answer rows."""
     from qtune.modeling.generation import generate_batch
 
-    split = as_lm_samples(data.val if data.val is not None else data.train)
+    source = data.val if data.val is not None else data.train
+    if hasattr(source, "select"):
+        source = source.select(range(min(count, len(source))))
+    else:  # a stream (data.streaming): its first samples
+        from datasets import Dataset
+
+        source = Dataset.from_list(list(source.take(count)))
+    split = as_lm_samples(source)
     model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
     model.eval()  # no dropout: greedy answers that the same run always gives
     prompts, references = [], []

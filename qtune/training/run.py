@@ -46,6 +46,7 @@ from qtune.training.callbacks import (
     FollowFreeCores,
     GracefulStop,
     NonFiniteGuard,
+    StepClock,
     StoppedDuringEvaluation,
     close_progress_bars,
 )
@@ -78,6 +79,9 @@ class Prepared:
     # GPU memory allocated at most while loading (None on CPU); training's peak is then counted from zero again,
     # so metrics.json tells the two apart (the plan predicts training's)
     loading_peak_bytes: int | None = None
+    started_at: float = 0.0  # time.perf_counter() when prepare began: set-up is counted from there
+    data_seconds: float = 0.0  # reading and tokenizing (or reading the cached tokens)
+    load_seconds: float = 0.0  # the model load and the adapter
 
 
 def train(
@@ -136,6 +140,7 @@ def env_defaults(**values: str):
 def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False) -> Prepared:
     """Everything before the first step: checkpoint, tokenizer, data, model, trainer. Whatever can be wrong with the
     recipe, the folder, the tokenizer or the data is found before the (slow) model load."""
+    started_at = time.perf_counter()
     method = method_of(recipe)
     checkpoint = checkpoint_to_resume(recipe, run_dir, force=force) if resume else None
     if recipe.hub.repo_id:
@@ -147,6 +152,12 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
         raise EnvironmentProblem(
             "FSDP needs GPUs: accelerate's FSDP plugin does not run on a CPU",
             fix="on a CPU use DDP: torchrun --standalone --nproc_per_node N -m qtune train RECIPE",
+        )
+    if recipe.data.streaming and distributed.launched_world_size() > 1:
+        # each rank would read the whole stream; accelerate's batch dispatch cannot join packed rows of other shapes
+        raise RecipeError(
+            "data.streaming runs in one process",
+            fix="train on several GPUs with data.streaming: false (the tokens are cached)",
         )
     cpu_threads = None
     if use_cpu:
@@ -173,7 +184,9 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
     tokenizer = model_loading.load_tokenizer(recipe.model)
     if recipe.data.chat_template:
         tokenizer.chat_template = resolve_chat_template(recipe.data, tokenizer)
+    data_started = time.perf_counter()
     data = method.data.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    data_seconds = time.perf_counter() - data_started
     log.info(method.data.describe(data.report))
 
     config = build_trainer_config(
@@ -232,7 +245,17 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
     if not use_cpu:
         loading_peak = int(torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
-    return Prepared(trainer, data, checkpoint, use_cpu, rss_before_model, loading_peak)
+    return Prepared(
+        trainer,
+        data,
+        checkpoint,
+        use_cpu,
+        rss_before_model,
+        loading_peak,
+        started_at=started_at,
+        data_seconds=data_seconds,
+        load_seconds=load_seconds,
+    )
 
 
 def stopped(signal_name: str, trainer, run_dir: Path) -> QtuneError:
@@ -264,6 +287,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared) -> dict:
     tokens_before = tokens_at_checkpoint(checkpoint)  # read now: rotation may delete that checkpoint during training
     stop = GracefulStop().install()
     trainer.add_callback(stop)
+    clock = StepClock()
+    trainer.add_callback(clock)
     try:
         with env_defaults(WANDB_DIR=str(run_dir)):
             if checkpoint is not None:
@@ -310,7 +335,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared) -> dict:
             wandb.teardown()
     before = json.loads(before_path.read_text()) if before_path.is_file() else {}
     eval_before = before.get("eval_loss_before")
-    runtime = result.metrics.get("train_runtime") or float("nan")
+    runtime = clock.step_seconds
+    evaluation_seconds = sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history)
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - tokens_before
     metrics = {
@@ -324,8 +350,13 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared) -> dict:
         "method": recipe.train.method,
         "global_step": trainer.state.global_step,
         "train_tokens": tokens,
+        # the optimizer steps alone; set-up (to this session's first step) and evaluation apart
         "train_seconds": runtime,
-        "tokens_per_second": session_tokens / runtime if runtime and runtime > 0 else None,
+        "setup_seconds": clock.first_step_at - prepared.started_at if clock.first_step_at is not None else None,
+        "data_seconds": prepared.data_seconds,
+        "load_seconds": prepared.load_seconds,
+        "evaluation_seconds": evaluation_seconds,
+        "tokens_per_second": session_tokens / runtime if runtime > 0 else None,
         "peak_memory_bytes": peak_memory_bytes(prepared.use_cpu),
         "peak_memory_loading_bytes": prepared.loading_peak_bytes,
         "peak_memory_kind": "cpu_rss" if prepared.use_cpu or not torch.cuda.is_available() else "cuda_allocated",

@@ -337,6 +337,7 @@ def test_a_streamed_run_trains_and_validates_on_the_first_samples(tmp_path, tiny
     code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
     assert "data: streaming 1 dataset(s)" in out + err and "8 validation samples (the first" in out + err
+    assert "eval: the loss before training, on 8 validation samples" in out + err  # said before it runs
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["data"]["streaming"] and metrics["data"]["val_samples"] == 8
     assert metrics["eval_loss"] < metrics["eval_loss_before"]

@@ -293,6 +293,8 @@ def fit(recipe: Recipe, run_dir: Path, prepared: Prepared) -> dict:
         with env_defaults(WANDB_DIR=str(run_dir)):
             if checkpoint is not None:
                 log.info(f"resume: continuing from {checkpoint.name}")
+            if trainer.args.eval_on_start and main_process:  # it runs before the first step: said, not silent
+                log.info(f"eval: the loss before training, on {len(data.val):,} validation samples")
             try:
                 with warnings.catch_warnings():
                     # bitsandbytes' warning on the first step; qtune said it in its own words before the load

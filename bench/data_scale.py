@@ -153,28 +153,17 @@ def child_baseline(settings_file: str) -> int:
     """The Hugging Face guide's QLoRA recipe on the raw alpaca file: trl tokenizes."""
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    sys.path.insert(0, str(BENCH))
+    from hf_baseline import qlora_model
 
     settings = json.loads(Path(settings_file).read_text())
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        settings["model"],
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        dtype=torch.float32,
-    )
-    model = prepare_model_for_kbit_training(model)
-    model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    )
+    model = qlora_model(settings["model"], {"r": 16, "alpha": 32, "dropout": 0.05}, torch.float32, on_gpu=False)
 
     def alpaca(row):  # the Stanford prompt, as the guides write it
         if row["input"]:

@@ -40,15 +40,11 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.started)
 
 
-def main():
-    settings = json.loads(open(sys.argv[1]).read())
-    on_gpu = torch.cuda.is_available()
-    compute_dtype = torch.bfloat16 if on_gpu else torch.float32
-    set_seed(settings["seed"])
-
-    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
+def qlora_model(path: str, lora: dict, compute_dtype, on_gpu: bool):
+    """The guides' QLoRA model: NF4 with double quantization, prepare_model_for_kbit_training, LoRA on all linear
+    layers (`lora`: r, alpha, dropout)."""
     model = AutoModelForCausalLM.from_pretrained(
-        settings["model"],
+        path,
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -59,17 +55,24 @@ def main():
         device_map={"": 0} if on_gpu else None,
     )
     model = prepare_model_for_kbit_training(model)
-    lora = settings["lora"]
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
+    return get_peft_model(model, config)
+
+
+def main():
+    settings = json.loads(open(sys.argv[1]).read())
+    on_gpu = torch.cuda.is_available()
+    compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+    set_seed(settings["seed"])
+
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
+    model = qlora_model(settings["model"], settings["lora"], compute_dtype, on_gpu)
 
     config = SFTConfig(
         output_dir=settings["output_dir"],

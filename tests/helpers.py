@@ -57,6 +57,28 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+def interrupted_and_resumed(run_cli, tmp_path: Path, raw: dict) -> tuple[Path, Path]:
+    """(the uninterrupted run, the resumed one): `raw` (6 steps, a checkpoint every 3) trained straight through in
+    tmp_path/full; then a copy of what that folder held right after checkpoint-3 was written, resumed to step 6."""
+    import shutil
+
+    full = Path(raw["train"]["output_dir"])
+    code, _, err = run_cli("train", write_recipe(tmp_path / "full.yaml", raw))
+    assert code == 0, err
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut, ignore=shutil.ignore_patterns("checkpoint-6", "adapter", "metrics.json", "loss.png"))
+    resumed = dict(raw, train={**raw["train"], "output_dir": str(cut)})
+    code, _, err = run_cli("train", write_recipe(tmp_path / "cut.yaml", resumed), "--resume")
+    assert code == 0, err
+    return full, cut
+
+
+def losses_after_step(run: Path, step: int) -> list[tuple[int, float]]:
+    """(step, training loss) logged after `step`, as checkpoint-6's trainer state holds them."""
+    state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h and h["step"] > step]
+
+
 def train_run(tmp_path_factory, model_dir, alpaca_file, name):
     """A finished 10-step run of `qtune train` on `model_dir` (LoRA dropout on), in a new folder named `name`."""
     from qtune.cli import main

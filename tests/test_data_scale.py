@@ -352,23 +352,11 @@ def test_a_streamed_run_resumes_bit_identically(tmp_path, tiny_llama, alpaca_fil
     """Stopped after checkpoint-3 of 6 and resumed: the stream continues from the right sample (the Trainer skips the
     batches trained on), so steps 4-6 and the adapter equal the uninterrupted run's."""
     import torch
-    from helpers import write_recipe
+    from helpers import interrupted_and_resumed, losses_after_step
     from safetensors.torch import load_file
 
-    full = tmp_path / "full"
-    raw = streaming_recipe(tiny_llama, alpaca_file, full)
-    assert run_cli("train", write_recipe(tmp_path / "full.yaml", raw))[0] == 0
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut, ignore=shutil.ignore_patterns("checkpoint-6", "adapter", "metrics.json", "loss.png"))
-    raw["train"]["output_dir"] = str(cut)
-    code, _, err = run_cli("train", write_recipe(tmp_path / "cut.yaml", raw), "--resume")
-    assert code == 0, err
-
-    def losses(run):
-        state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
-        return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h and h["step"] > 3]
-
-    assert len(losses(full)) == 3 and losses(cut) == losses(full)
+    full, cut = interrupted_and_resumed(run_cli, tmp_path, streaming_recipe(tiny_llama, alpaca_file, tmp_path / "full"))
+    assert len(losses_after_step(full, 3)) == 3 and losses_after_step(cut, 3) == losses_after_step(full, 3)
     resumed = load_file(cut / "adapter" / "adapter_model.safetensors")
     uninterrupted = load_file(full / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

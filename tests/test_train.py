@@ -1,12 +1,11 @@
 """End-to-end fine-tuning on small local models: through the CLI and through the stage functions."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import recipe_dict, write_jsonl, write_recipe
+from helpers import interrupted_and_resumed, losses_after_step, recipe_dict, write_jsonl, write_recipe
 from safetensors.torch import load_file
 
 from qtune.config.recipe import validate_recipe
@@ -100,24 +99,12 @@ def test_training_changes_every_lora_weight_and_the_adapter_reloads(
 
 def test_resume_gives_the_same_losses_and_adapter(tmp_path, tiny_llama, alpaca_file, run_cli):
     """Stop after checkpoint-3 of 6, resume: steps 4-6 must match the uninterrupted run."""
-    full = tmp_path / "full"
-    raw = recipe_dict(tiny_llama, alpaca_file, full, lora={"dropout": 0.1}, train={"optimizer": "paged_adamw_8bit"})
-    code, _, err = run_cli("train", write_recipe(tmp_path / "full.yaml", raw))
-    assert code == 0, err
-
-    # The interrupted run: what the run folder held right after checkpoint-3 was written.
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut, ignore=shutil.ignore_patterns("checkpoint-6", "adapter", "metrics.json", "loss.png"))
-    raw["train"]["output_dir"] = str(cut)
-    code, _, err = run_cli("train", write_recipe(tmp_path / "cut.yaml", raw), "--resume")
-    assert code == 0, err
-
-    def losses(run):
-        state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
-        return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h and h["step"] > 3]
-
-    assert len(losses(full)) == 3
-    assert losses(cut) == losses(full)
+    raw = recipe_dict(
+        tiny_llama, alpaca_file, tmp_path / "full", lora={"dropout": 0.1}, train={"optimizer": "paged_adamw_8bit"}
+    )
+    full, cut = interrupted_and_resumed(run_cli, tmp_path, raw)
+    assert len(losses_after_step(full, 3)) == 3
+    assert losses_after_step(cut, 3) == losses_after_step(full, 3)
     resumed, uninterrupted = lora_state(cut / "adapter"), lora_state(full / "adapter")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)

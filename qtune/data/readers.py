@@ -79,7 +79,8 @@ def local_fingerprint(files: list[Path]) -> str:
 
 
 def load_source(spec: DatasetSpec, columns: list[str], scratch: Path, check_rows):
-    """(the source as a datasets.Dataset of the format's `columns`, its fingerprint): local files through datasets'
+    """(the source as a datasets.Dataset of the format's `columns`, a Hub dataset's fingerprint or None for local files,
+    whose fingerprint the caller took from their bytes before: local_fingerprint): local files through datasets'
     json / csv / parquet loaders into `scratch`; a Hub dataset through load_dataset (its own cache). A file a loader
     refuses is read as plain rows and checked by `check_rows(rows, spec)`, which names the bad line or row."""
     import datasets
@@ -115,15 +116,13 @@ def load_source(spec: DatasetSpec, columns: list[str], scratch: Path, check_rows
         try:
             if len(parts) > 1:  # the files' other columns may differ: only the format's are read
                 parts = [p.select_columns([c for c in p.column_names if c in columns]) for p in parts]
-            dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-            return dataset, local_fingerprint(files)
+            return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts), None
         except ValueError:  # the files' column types differ: as rows
             pass
-    rows = read_local_file(files[0]) if len(files) == 1 else [row for f in files for row in read_local_file(f)]
+    rows = read_rows(spec)
     check_rows(rows, spec)
     names = [c for c in columns if any(c in row for row in rows)]
-    dataset = datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in names})
-    return dataset, local_fingerprint(files)
+    return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in names}), None
 
 
 def has_temporal(dataset, columns: list[str]) -> bool:

@@ -47,26 +47,6 @@ class RowProblem(Exception):
         self.index, self.what, self.fix = index, what, fix
 
 
-def row_by_row(tokenize_row: Callable, columns: tuple[str, ...]) -> Callable:
-    """A batch function for Dataset.map from a per-row one; a DataError a row raises becomes a RowProblem that names
-    the row's index, and each output column gets one value per row."""
-
-    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {name: [] for name in columns}
-        names = list(batch)
-        for position, index in enumerate(indices):
-            row = {name: batch[name][position] for name in names}
-            try:
-                values = tokenize_row(row)
-            except DataError as e:
-                raise RowProblem(index, e.what, e.fix) from None
-            for name in columns:
-                out[name].append(values[name])
-        return out
-
-    return tokenize_batch
-
-
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -244,7 +224,7 @@ def tokenized_source(
     on_loaded: Callable | None = None,
 ):
     """The source of `spec` tokenized: from the cache when an undamaged entry has this fingerprint, else loaded
-    (`load(scratch)` -> (datasets.Dataset, fingerprint)), checked (`on_loaded(dataset)` -> the dataset to tokenize), tokenized by `tokenize_batch` and
+    (`load(scratch)` -> (datasets.Dataset, its fingerprint when `source_fingerprint` is None: a Hub dataset's)), checked (`on_loaded(dataset)` -> the dataset to tokenize), tokenized by `tokenize_batch` and
     cached. A RowProblem becomes a DataError naming the row by `place(index)`."""
     root = cache_root()
     key = cache_key(source_fingerprint, settings) if source_fingerprint else None

@@ -12,6 +12,8 @@ It builds every model it needs with random weights (a Llama-3.1-8B shape, saved 
   side_by_side   the 1B shape, qtune and the baseline alternating: tokens/s, peak memory, eval loss, ratios
   export_1b      merged fp16, NF4 and GGUF from the 1B run on the GPU: merge memory and the fidelity table
   nan_fp16       an injected NaN loss on the GPU: exit 6, the last good checkpoint kept
+  moe_30b_a3b    Qwen3-30B-A3B's shape (8 of its 48 layers), experts in 4 bits, 4,096 tokens: peak against the plan,
+                 tokens/s, and the whole model's peak by the plan
 and, for every run, the plan's predicted peak against torch.cuda.max_memory_allocated, and MFU (FLOPs per token as
 bench/throughput.py counts them, over this GPU's measured matmul rate).
 
@@ -79,7 +81,20 @@ LLAMA_32_1B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=True,
 )
-SECTIONS = ("t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16", "fsdp_2gpu")
+SECTIONS = ("t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16", "moe_30b_a3b", "fsdp_2gpu")
+# Qwen3-30B-A3B's shape (tests/model_configs/qwen3-30b-a3b); the kit builds MOE_LAYERS of its 48 layers and scales the
+# measured peak to all of them by the plan
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+    head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, router_aux_loss_coef=0.001,
+)  # fmt: skip
+MOE_LAYERS = 8
+TINY_MOE = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+    num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=32, max_position_embeddings=4096,
+)  # fmt: skip
 TINY = dict(
     vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=1, max_position_embeddings=4096,
@@ -749,6 +764,62 @@ def section_fsdp(kit: Kit, base_1b: Path) -> None:
             entry["status"] = "failed"
 
 
+def build_moe(folder: Path, shape: dict, device: str) -> int:
+    """A Qwen3-MoE of `shape` with random bf16 weights and qtune's tokenizer; returns its parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from qtune.demo.tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen3MoeConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(0, 0.02)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    tokenizer.save_pretrained(folder)
+    count = sum(p.numel() for p in model.parameters())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return count
+
+
+def section_moe(kit: Kit) -> None:
+    """Qwen3-30B-A3B's shape (MOE_LAYERS of its layers) with its experts in 4 bits, trained at 4,096 tokens with
+    recipes/qwen3-30b-a3b-alpaca.yaml's LoRA: peak against the plan, tokens/s, and the whole model's peak by the plan
+    (the measured peak plus what the plan adds for the other layers)."""
+    shape = TINY_MOE if kit.dry_run else {**QWEN3_30B_A3B, "num_hidden_layers": MOE_LAYERS}
+    max_length = 256 if kit.dry_run else 4096
+    with kit.section("moe_30b_a3b", 40 if kit.dry_run else 150) as entry:
+        if entry is None:
+            return
+        base = kit.work / "qwen3-30b-a3b-shape"
+        started = time.perf_counter()
+        entry["parameters"] = build_moe(base, shape, kit.device)
+        entry["build_seconds"] = round(time.perf_counter() - started, 1)
+        raw = recipe(base, kit.work / "moe-run", alpaca_data(kit, max_length), max_steps=3 if kit.dry_run else 6,
+                     micro_batch_size=8, gradient_checkpointing=True, lora_dropout=0.0)  # fmt: skip
+        raw["lora"].update(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "experts"])
+        result = kit.qtune("train", write_recipe(kit.work / "moe.yaml", raw))
+        # MFU counts the FLOPs of the experts a token goes through: a dense MLP of num_experts_per_tok experts' width
+        active = {**shape, "intermediate_size": shape["num_experts_per_tok"] * shape["moe_intermediate_size"]}
+        entry.update(train_figures(kit, raw, result, active, mean_context=150))
+        if result["code"] != 0:
+            entry["status"] = "failed"
+            return
+        full = kit.work / "qwen3-30b-a3b-config"
+        full.mkdir(exist_ok=True)
+        shutil.copy(REPO / "tests" / "model_configs" / "qwen3-30b-a3b" / "config.json", full / "config.json")
+        whole = planned_bytes({**raw, "model": {"name": str(full)}}, kit.cap_gib, kit.device, decided=entry)
+        entry["planned_48_layer_bytes"] = whole["total_bytes"]
+        if entry["peak_bytes"]:
+            entry["predicted_48_layer_peak_bytes"] = entry["peak_bytes"] + whole["total_bytes"] - entry["planned_bytes"]
+
+
 def section_nan(kit: Kit, base: Path) -> None:
     """A NaN loss injected from step 3 on: the run stops (exit 6) and checkpoint-2 stays, on the GPU."""
     with kit.section("nan_fp16", 40) as entry:
@@ -848,6 +919,16 @@ def markdown(results: dict) -> str:
     nan = sections.get("nan_fp16", {})
     if "exit" in nan:
         lines.append(f"\nInjected NaN loss: exit {nan['exit']}, checkpoint-2 kept: {nan.get('checkpoint_2_kept')}.")
+    moe = sections.get("moe_30b_a3b", {})
+    if moe.get("losses"):
+        ordered = [moe["losses"][k] for k in sorted(moe["losses"], key=int)]
+        lines.append(
+            f"\nQwen3-30B-A3B shape, {moe.get('parameters', 0) / 1e9:.2f}B parameters in {MOE_LAYERS} of its 48 layers, "
+            f"experts in 4 bits: loss {ordered[0]:.3f} → {ordered[-1]:.3f}, {moe.get('tokens_per_second') or 0:.0f} tok/s, "
+            f"peak {gib(moe.get('peak_bytes'))} GiB (plan {gib(moe.get('planned_bytes'))}, {pct(moe.get('plan_error'))}); "
+            f"all 48 layers: {gib(moe.get('predicted_48_layer_peak_bytes'))} GiB by the measured peak plus the plan's "
+            f"other layers (plan alone {gib(moe.get('planned_48_layer_bytes'))} GiB)."
+        )
     if results.get("t4_estimate_seconds"):
         lines.append(
             f"\nOn a T4 (65 TFLOP/s fp16, at the MFU measured here) the training steps above would take about {results['t4_estimate_seconds']:.0f} s."
@@ -924,6 +1005,7 @@ def main() -> int:
                 "export_1b": lambda: section_export(kit, paths["1b"]),
                 "bf16_8b": lambda: section_bf16_8b(kit, paths["8b"]),
                 "nan_fp16": lambda: section_nan(kit, paths["8b"]),
+                "moe_30b_a3b": lambda: section_moe(kit),
                 "fsdp_2gpu": lambda: section_fsdp(kit, paths["1b"]),
             }
             for name in chosen:  # in the order asked for

@@ -39,7 +39,8 @@ def test_the_gpu_kit_dry_run_passes_every_section(tmp_path):
     assert done.returncode == 0, (done.stdout[-3000:], (out / "gpu_check.log").read_text()[-3000:])
     results = json.loads((out / "gpu_check.json").read_text())
     sections = results["sections"]
-    ran = ("environment", "models", "t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16")
+    ran = ("environment", "models", "t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16",
+           "moe_30b_a3b")  # fmt: skip
     assert {name: s["status"] for name, s in sections.items()} == {**dict.fromkeys(ran, "ok"), "fsdp_2gpu": "skipped"}
     # FSDP needs 2 GPUs (accelerate's FSDP plugin refuses a CPU): skipped, and said why
     assert sections["fsdp_2gpu"]["why"] == "needs 2 GPUs, this machine has 0"
@@ -56,5 +57,7 @@ def test_the_gpu_kit_dry_run_passes_every_section(tmp_path):
     fidelity = sections["export_1b"]["fidelity"]
     assert fidelity["merged_fp16"]["top1_agreement"] >= 0.999 and fidelity["gguf_q8_0"]["top1_agreement"] >= 0.99
     assert sections["nan_fp16"]["exit"] == 6 and sections["nan_fp16"]["checkpoint_2_kept"]
+    moe = sections["moe_30b_a3b"]
+    assert moe["exit"] == 0 and moe["planned_48_layer_bytes"] > moe["planned_bytes"] and moe["losses"]
     report = (out / "gpu_check.md").read_text()
     assert report.startswith("# qtune GPU check (dry run on CPU)") and "| qtune | " in report

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qtune"
 # Each package's layer. The registries (export.formats, training.methods) sit below the recipe, which is made of their
 # names and sections; the commands that use a whole recipe (training, export) sit above it.
 LAYERS = {
-    0: ["core"],
+    0: ["core", "modeling.moe"],
     1: ["data", "modeling"],
     2: ["demo", "export.formats.gguf"],
     3: ["export.formats", "training.methods"],

@@ -300,3 +300,36 @@ def test_llama_cpp_runs_phi3_longrope_past_the_original_context(tmp_path):
     difference = np.abs(np.array(llm.eval_logits) - reference).max()
     print(f"llama.cpp phi3 longrope, 100 tokens: max |Δlogit| {difference:.4f}")
     assert difference < 0.01
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"])
+def test_llama_cpp_runs_qtunes_mixture_of_experts_files_as_transformers_does(family, tmp_path):
+    """A pretrained tiny MoE of each family qtune writes as GGUF (experts stacked into ffn_*_exps, the router in F32):
+    llama.cpp tokenizes alike and predicts what transformers does. A position whose router weighs two experts almost
+    alike may route differently once the weights are rounded, so the logits are compared position by position."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.demo.tiny_models import write_tiny_model
+    from qtune.export.formats.gguf.writer import write_gguf
+
+    model_dir = write_tiny_model(tmp_path / "m", family, pretrain_steps=60, hidden=64, intermediate=128, layers=2,
+                                 heads=2, kv_heads=1)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("Below is an instruction that describes a task.\n\n### Input:\napple ünï and more words").input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN
+    for quant, tolerance, agreement in (("F16", 0.05, 0.99), ("Q8_0", 0.15, 0.95), ("Q4_K_M", 1.0, 0.8)):
+        path = write_gguf(model_dir, tmp_path / f"model-{quant}.gguf", quant)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+        assert llm.tokenize(tokenizer.decode(ids[1:]).encode(), add_bos=True, special=True) == ids
+        llm.eval(ids)
+        logits = np.array(llm.eval_logits)
+        worst = np.abs(logits - reference).max(-1)
+        print(f"llama.cpp {family} {quant}: max |Δlogit| {worst.max():.4f}, median {np.median(worst):.4f}")
+        assert (worst < tolerance).mean() >= 0.9  # all but a rerouted position or few
+        assert (logits.argmax(-1) == reference.argmax(-1))[decisive].mean() >= agreement

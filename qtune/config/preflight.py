@@ -14,6 +14,7 @@ from qtune.core.fs import names_a_local_path, no_such_path
 from qtune.data import kind_of
 from qtune.data.readers import read_rows
 from qtune.export.formats import formats_problem
+from qtune.modeling.moe.families import moe_problem
 
 if TYPE_CHECKING:
     from qtune.config.recipe import Recipe
@@ -64,6 +65,9 @@ def check_local_model(recipe: Recipe) -> str | None:
     problem = formats_problem(recipe.export.formats, config)
     if problem:
         raise RecipeError(problem, where=str(config_file), fix="change export.formats")
+    experts = moe_problem(config)
+    if experts:
+        raise RecipeError(experts[0], where=str(config_file), fix=experts[1])
     return str(config.get("model_type", "unknown type"))
 
 

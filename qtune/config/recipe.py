@@ -73,7 +73,8 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    """'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj]."""
+    """'all-linear' (every linear layer but the output head; a mixture of experts' experts too, never its router) or a
+    list of module names such as [q_proj, v_proj]; `experts` names every expert's projections alone."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
     use_dora: bool = False

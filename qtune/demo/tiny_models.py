@@ -165,6 +165,8 @@ def build_sentencepiece_tokenizer(vocab_size: int = 600, seed: int = 0):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+# Mixtures of experts: 4 experts, 2 per token, each half the dense width (qtune.modeling.moe)
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")
 
 
 def build_model(
@@ -186,11 +188,15 @@ def build_model(
         AutoModelForCausalLM,
         Gemma2Config,
         Gemma3TextConfig,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
+        OlmoeConfig,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     vocab = len(tokenizer)
@@ -222,6 +228,20 @@ def build_model(
         common["sliding_window"] = 64
     elif family == "phi3":  # fused qkv_proj and gate_up_proj
         common["pad_token_id"] = tokenizer.pad_token_id
+    elif family in MOE_FAMILIES:
+        experts = {"num_local_experts" if family in ("mixtral", "gpt_oss") else "num_experts": 4}
+        common.update(experts, num_experts_per_tok=2, router_aux_loss_coef=0.01, output_router_logits=True)
+        if family == "qwen3_moe":
+            # renormalized top-k weights, as every published Qwen3-MoE has (and llama.cpp computes)
+            common.update(
+                moe_intermediate_size=intermediate // 2, head_dim=128, tie_word_embeddings=True, norm_topk_prob=True
+            )
+        else:
+            common["intermediate_size"] = intermediate // 2
+        if family == "olmoe":  # no grouped KV heads, as the published OLMoE (its k norm spans all heads)
+            common["num_key_value_heads"] = heads
+        if family == "gpt_oss":  # attention sinks, biases, alternating sliding window, clamped SwiGLU
+            common.update(head_dim=hidden // heads, sliding_window=64, layer_types=None)
     common.update(config_extra or {})
     classes = {
         "llama": LlamaConfig,
@@ -231,9 +251,13 @@ def build_model(
         "gemma2": Gemma2Config,
         "gemma3": Gemma3TextConfig,
         "phi3": Phi3Config,
+        "qwen3_moe": Qwen3MoeConfig,
+        "mixtral": MixtralConfig,
+        "olmoe": OlmoeConfig,
+        "gpt_oss": GptOssConfig,
     }
     if family not in classes:
-        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES + MOE_FAMILIES}")
     config = classes[family](**common)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

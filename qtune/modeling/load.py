@@ -3,6 +3,7 @@ objects, and the adapter a run continues."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,10 @@ from qtune.core.fs import names_a_local_path, no_such_path
 from qtune.core.network import hub_unreachable
 from qtune.modeling.config import load_config, model_source
 from qtune.modeling.lean_ops import lean_lora_dropout, use_lean_ops
+from qtune.modeling.moe.experts import quantize_experts
+from qtune.modeling.moe.families import moe_family, moe_problem
+from qtune.modeling.moe.saved import finish_saved_moe, saved_moe_options
+from qtune.modeling.moe.streaming import as_bitsandbytes, experts_quantizer_config
 from qtune.modeling.precision import bnb_config, keep_cpu_4bit_layout_trainable
 from qtune.modeling.weights import check_prequantized, saved_quantization
 
@@ -108,13 +113,17 @@ def device_map() -> dict | None:
 
 def attention_implementation(config, requested: str) -> str:
     """The attention kernel for this model, chosen in one place: SDPA, or eager where the model soft-caps its
-    attention logits (Gemma 2), which SDPA cannot do (transformers refuses to load Gemma 2 with it)."""
+    attention logits (Gemma 2) or has attention sinks (gpt-oss), which SDPA cannot do (transformers refuses to load
+    them with it)."""
     softcapped = getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None
+    # gpt-oss's attention sinks (a learned logit per head in the softmax): transformers has no SDPA path for them
+    sinks = config.get_text_config().model_type == "gpt_oss"
     if requested == "auto":
-        return "eager" if softcapped else "sdpa"
-    if softcapped and requested != "eager":
+        return "eager" if softcapped or sinks else "sdpa"
+    if (softcapped or sinks) and requested != "eager":
+        what = "soft-cap attention logits" if softcapped else "add attention sinks"
         raise RecipeError(
-            f"model.attn_implementation {requested} cannot soft-cap attention logits as {config.model_type} does",
+            f"model.attn_implementation {requested} cannot {what} as {config.model_type} does",
             fix="use auto or eager",
         )
     return requested
@@ -126,14 +135,21 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
 
     source, kwargs = model_source(model.name, model.revision)
     config = config or load_model_config(model)  # the caller's, when it has read it already
+    experts = moe_problem(config.to_dict())  # a Hub model's config.json is read only now
+    if experts:
+        raise RecipeError(experts[0], where=model.name, fix=experts[1])
     attention = attention_implementation(config, model.attn_implementation)
     saved = saved_quantization(config)
+    quantization = base_quantization(quant, compute_dtype)
     if saved is None:
-        kwargs["quantization_config"] = base_quantization(quant, compute_dtype)
+        # a mixture of experts: its experts quantized as they load, one layer at a time (qtune.modeling.moe.streaming)
+        streamed = moe_family(config) is not None
+        kwargs["quantization_config"] = experts_quantizer_config(quantization) if streamed else quantization
     else:
         # a base saved in 4-bit loads as it is (weights.check_prequantized says when it can). Not even
         # quantization_config=None: transformers then loads the packed weights into plain Linear layers and fails
         check_prequantized(saved, quant.type, quant.double_quant, model.name)
+        kwargs.update(saved_moe_options(config))  # a mixture of experts' 4-bit experts, as saved
     try:
         base = AutoModelForCausalLM.from_pretrained(
             source,
@@ -141,14 +157,20 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
             device_map=device_map(),
             attn_implementation=attention,
             trust_remote_code=model.trust_remote_code,
-            # transformers >= 5.25 kernelizes models by default when the `kernels` package is installed (a dependency
-            # of it), and model.train() re-kernelizes: that resets every module's forward, qtune's lean RMSNorm and
-            # SwiGLU included (tests/test_model.py::test_training_mode_keeps_qtune_s_ops)
+            # transformers >= 5.25 kernelizes models by default when the `kernels` package is installed (a
+            # dependency of it), and model.train() re-kernelizes: that resets every module's forward, qtune's lean
+            # RMSNorm and SwiGLU included (tests/test_model.py::test_training_mode_keeps_qtune_s_ops)
             use_kernels=False,
             **kwargs,
         )
     except (OSError, ValueError) as e:
         raise model_not_loadable(model, e) from None
+    if saved is None:
+        if streamed:
+            as_bitsandbytes(base, quantization)
+        quantize_experts(base, quantization, compute_dtype)  # the per-expert layers from the 4-bit weights
+    else:
+        finish_saved_moe(base, quantization)
     keep_cpu_4bit_layout_trainable(base)
     if saved is not None:  # its saved compute dtype is whatever the uploader's GPU had
         import bitsandbytes as bnb
@@ -206,13 +228,56 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def has_experts(model) -> bool:
+    """Whether the model holds qtune's 4-bit experts (a mixture of experts)."""
+    from qtune.modeling.moe.experts import QuantizedExperts
+
+    return any(isinstance(module, QuantizedExperts) for module in model.modules())
+
+
+def lora_targets(names: list[str], model) -> list[str] | str:
+    """peft's target_modules for a list of layer names. "experts" names every expert's three projections and only
+    them (a regular expression, since the dense MLP of a mixed model has the same names); the others are layer names,
+    which reach the experts too where the names are the experts' own (gate_proj, ...)."""
+    import re
+
+    if "experts" not in names:
+        return list(names)
+    others = [re.escape(name) for name in names if name != "experts"]
+    return r".*\.(" + "|".join([*others, r"experts\.\d+\.(gate_proj|up_proj|down_proj)"]) + ")"
+
+
+@contextlib.contextmanager
+def peft_sees_per_expert_layers(base):
+    """peft (>= 0.18) rewrites a LoRA config for the MoE families transformers 5 fused (by config.model_type): the
+    experts' gate_proj / up_proj / down_proj become target_parameters on the fused 3-D weights, and the router
+    `gate` becomes a target; loading an adapter, it renames the keys likewise. qtune's experts are per-expert 4-bit
+    layers again, so neither applies: LoRA would land on the router (which must stay frozen) and on no expert. For
+    the duration, the config's model type is one peft has no conversion for (tests/test_moe.py fails if peft's
+    rewrite comes back)."""
+    if not has_experts(base):
+        yield
+        return
+    config = base.config
+    before = config.__dict__.get("model_type")
+    config.model_type = f"qtune-{type(config).model_type}"  # an instance attribute over the class's
+    try:
+        yield
+    finally:
+        if before is None:
+            del config.model_type
+        else:
+            config.model_type = before
+
+
 def build_lora_config(lora: LoraSection, model):
     """peft's LoraConfig from the lora section. all-linear is peft's own: every linear layer but the output head
-    (the set qtune trains is the same, tests/test_model.py); a list of names is checked against the model first."""
+    (the set qtune trains is the same, tests/test_model.py), the experts of a mixture of experts included (never its
+    router, which is no linear layer); a list of names is checked against the model first."""
     from peft import LoraConfig
 
     if lora.target_modules != "all-linear":
-        available = linear_module_names(model)
+        available = linear_module_names(model) + (["experts"] if has_experts(model) else [])
         missing = [name for name in lora.target_modules if name not in available]
         if missing:
             raise RecipeError(
@@ -223,7 +288,9 @@ def build_lora_config(lora: LoraSection, model):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules),
+        target_modules=lora.target_modules
+        if lora.target_modules == "all-linear"
+        else lora_targets(lora.target_modules, model),
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         bias="none",
@@ -259,13 +326,14 @@ def attach_lora(
 
     config = build_lora_config(lora, base) if adapter is None else None
     base = prepare_for_kbit_training(base, gradient_checkpointing=gradient_checkpointing)
-    if adapter is None:
-        model = get_peft_model(base, config)
-    else:
-        try:
-            model = PeftModel.from_pretrained(base, adapter, is_trainable=True, use_safetensors=True)
-        except (OSError, ValueError) as e:
-            raise hub_failure("loading adapter", adapter, e, fix="check model.adapter") from None
+    with peft_sees_per_expert_layers(base):
+        if adapter is None:
+            model = get_peft_model(base, config)
+        else:
+            try:
+                model = PeftModel.from_pretrained(base, adapter, is_trainable=True, use_safetensors=True)
+            except (OSError, ValueError) as e:
+                raise hub_failure("loading adapter", adapter, e, fix="check model.adapter") from None
     if not dropout:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -292,9 +360,9 @@ def load_adapter_model(trained, compute_dtype):
     """The model as it was trained: the 4-bit base with the run's saved adapter on it."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(
-        load_base(trained.recipe.model, trained.recipe.quant, compute_dtype), trained.adapter_dir
-    )
+    base = load_base(trained.recipe.model, trained.recipe.quant, compute_dtype)
+    with peft_sees_per_expert_layers(base):
+        return PeftModel.from_pretrained(base, trained.adapter_dir)
 
 
 # --------------------------------------------------------------------------- a trained adapter to continue

@@ -28,6 +28,11 @@ class Inventory:
     norms: int = 0
     other: int = 0  # biases, unquantized linears, anything else
     tied_embeddings: bool = False
+    # a mixture of experts: the routed experts' parameters (counted in the kinds above too), how many experts each
+    # layer has and how many a token goes through
+    expert_parameters: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
 
     @property
     def quantized(self) -> int:
@@ -44,18 +49,30 @@ class Inventory:
         """Every parameter."""
         return self.quantized + self.unquantized
 
+    @property
+    def active(self) -> int:
+        """The parameters one token's forward pass uses: all but the experts it is not routed to."""
+        if not self.experts:
+            return self.total
+        return self.total - self.expert_parameters + self.expert_parameters * self.experts_per_token // self.experts
+
 
 def inventory(config) -> Inventory:
     """The model's parameters by kind, from an empty (meta-device) model built from its config."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from qtune.modeling.moe.families import moe_family
     from qtune.modeling.weights import quantized_weight_names
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     quantized = quantized_weight_names(config)
     result = Inventory(tied_embeddings=bool(config.get_text_config().tie_word_embeddings))
+    family = moe_family(config)
+    if family is not None:
+        result.experts = family.expert_count(config.get_text_config())
+        result.experts_per_token = config.get_text_config().num_experts_per_tok
     input_embedding = skeleton.get_input_embeddings().weight
     output_embedding = skeleton.get_output_embeddings()
     output_weight = output_embedding.weight if output_embedding is not None else None
@@ -66,6 +83,13 @@ def inventory(config) -> Inventory:
         seen.add(id(param))
         if name in quantized:
             result.quantized_shapes.append(tuple(param.shape))
+        elif family is not None and name.rpartition(".")[0].endswith("mlp.experts"):
+            # fused experts: qtune quantizes each expert's projections as a 4-bit linear layer (qtune.modeling.moe)
+            result.expert_parameters += param.numel()
+            if param.dim() == 3:
+                result.quantized_shapes.extend(expert_shapes(name, tuple(param.shape), family.layout))
+            else:  # gpt-oss's expert biases
+                result.other += param.numel()
         elif param is input_embedding:
             result.embeddings += param.numel()
         elif param is output_weight:
@@ -75,6 +99,16 @@ def inventory(config) -> Inventory:
         else:
             result.other += param.numel()
     return result
+
+
+def expert_shapes(name: str, shape: tuple[int, int, int], layout: str) -> list[tuple[int, int]]:
+    """The (out, in) shapes of the per-expert projections a fused expert parameter holds."""
+    experts = shape[0]
+    if name.endswith("gate_up_proj"):  # [E, 2I, H], or gpt-oss's [E, H, 2I]
+        width, inputs = (shape[1] // 2, shape[2]) if layout == "concatenated" else (shape[2] // 2, shape[1])
+        return [(width, inputs)] * (2 * experts)
+    out, inputs = (shape[1], shape[2]) if layout == "concatenated" else (shape[2], shape[1])  # down_proj
+    return [(out, inputs)] * experts
 
 
 def quantization_constants_bytes(n: int, double_quant: bool) -> int:
@@ -135,6 +169,13 @@ def describe_inventory(model_name: str, inv: Inventory) -> str:
         "",
         "",
     ]
+    if inv.experts:
+        lines[-2:-2] = [
+            f"  of which routed experts   {count(inv.expert_parameters):>10}  ({inv.experts} per layer, "
+            f"{inv.experts_per_token} per token: each a 4-bit layer per projection)",
+            f"  active per token          {count(inv.active):>10}  "
+            f"({count(inv.active - inv.embeddings)} without the embedding lookup)",
+        ]
     unit, scale = ("GiB", 2**30) if inv.total * 4 >= 2**30 else ("MiB", 2**20)
     lines[-1] = (
         f"{'precision':<10} {'weights ' + unit:>12} {'+ quant consts':>15} {'total ' + unit:>10} {'bits/param':>11}"
@@ -162,6 +203,8 @@ def memory_report(model_name: str, revision: str = "main") -> dict:
             "lm_head": inv.lm_head,
             "norms": inv.norms,
             "other": inv.other,
+            "experts": inv.expert_parameters,
+            "active": inv.active,
         },
         "weights_bytes": {
             p: {"tensors": m.tensors_bytes, "quant_constants": m.constants_bytes, "total": m.total_bytes}

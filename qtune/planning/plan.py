@@ -47,20 +47,31 @@ class TrainingShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    experts: int = 0  # a mixture of experts: routed experts per layer (0: a dense model)
+    experts_per_token: int = 0
 
 
 def training_shape(config) -> TrainingShape:
-    """The decoder's dimensions, from its config."""
+    """The decoder's dimensions, from its config. A mixture of experts' MLP width per token is that of the experts a
+    token goes through (num_experts_per_tok times one expert's width)."""
+    from qtune.modeling.moe.families import moe_family
+
     text = config.get_text_config()
     heads = text.num_attention_heads
+    family = moe_family(config)
+    experts = family.expert_count(text) if family else 0
+    per_token = text.num_experts_per_tok if family else 0
+    intermediate = per_token * family.expert_width(text) if family else getattr(text, "intermediate_size", None)
     return TrainingShape(
         text.hidden_size,
-        getattr(text, "intermediate_size", 4 * text.hidden_size),
+        intermediate or 4 * text.hidden_size,
         text.num_hidden_layers,
         heads,
         getattr(text, "num_key_value_heads", None) or heads,
         getattr(text, "head_dim", None) or text.hidden_size // heads,
         text.vocab_size,
+        experts,
+        per_token,
     )
 
 
@@ -90,7 +101,10 @@ def activation_bytes_per_token_per_layer(
     attention = 2 * q + 2 * kv + q  # q, k, v, output; o_proj's input
     mlp = (3 if lean else 4) * i
     masks = (3 * h + q + 2 * h + i) if lora_dropout else 0
-    return norms + act_bytes * (normed + attention + mlp) + 4 * shape.heads + masks
+    # a mixture of experts: each chosen expert's gathered input (its LoRA branches keep it) and weighted output, and
+    # the router's logits and probabilities in fp32 (the load-balancing loss keeps them)
+    routing = act_bytes * 2 * shape.experts_per_token * h + 2 * 4 * shape.experts
+    return norms + act_bytes * (normed + attention + mlp) + 4 * shape.heads + masks + routing
 
 
 def backward_transient_bytes_per_token(shape: TrainingShape, act_bytes: int, lean: bool = True) -> int:

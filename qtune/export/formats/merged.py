@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,6 +190,8 @@ def write_merged(
     from safetensors import safe_open
 
     from qtune.modeling.config import load_config
+    from qtune.modeling.moe.experts import fuse_experts, fused_expert_parameter, map_fused_experts
+    from qtune.modeling.moe.families import moe_family
     from qtune.modeling.weights import (
         base_checkpoint,
         checkpoint_tensors,
@@ -213,6 +216,33 @@ def write_merged(
         )
     compute = training_compute_dtype(run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    family = moe_family(config)
+
+    def merged(module: str, weight):
+        """One 4-bit weight as training saw it (round-tripped through NF4 unless merging into the original), with
+        its module's LoRA delta added."""
+        weight = weight.to(compute)
+        if merge_base == "dequantized" and not prequantized:
+            weight = nf4_round_trip(weight.contiguous(), run.recipe.quant, device)
+        if module in deltas:
+            weight = merge_weight(
+                weight.float(),
+                [t.to(weight.device) if isinstance(t, torch.Tensor) else t for t in deltas.pop(module)],
+            )
+        return weight
+
+    pending: dict[int, dict] = {}  # a layer's per-expert weights and biases, until the layer is whole
+
+    def collect(name: str, tensor) -> None:
+        """Keeps one per-expert tensor of gpt-oss; writes the layer's fused experts once all of them are in."""
+        layer = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
+        parts = pending.setdefault(layer, {})
+        parts[name.split(".experts.", 1)[1]] = tensor
+        count = family.expert_count(config)
+        if len(parts) == 6 * count:  # three weights and three biases per expert
+            for fused_key, value in fuse_experts(pending.pop(layer), family, layer, count).items():
+                writer.add(fused_key, value.to(dtype))
+
     with staged(target) as staging:
         writer = ShardWriter(staging, shard_bytes)
         for key, file in location.items():
@@ -220,25 +250,30 @@ def write_merged(
                 continue  # read with its weight by dequantize_saved
             with safe_open(str(file), framework="pt") as handle:
                 tensor = handle.get_tensor(key)
+            expert = family.expert_module(key) if family else None
+            fused = fused_expert_parameter(key) if family else None
             if key in quantized:
                 if prequantized:  # the 4-bit weights training saw, as they are
-                    weight = dequantize_saved(key, location, device).to(compute)
-                else:
-                    weight = tensor.to(compute)
-                    if merge_base == "dequantized":
-                        weight = nf4_round_trip(weight, run.recipe.quant, device)
-                module = key.removesuffix(".weight")
-                if module in deltas:
-                    weight = merge_weight(
-                        weight.float(),
-                        [t.to(weight.device) if isinstance(t, torch.Tensor) else t for t in deltas.pop(module)],
-                    )
-                tensor = weight
+                    tensor = dequantize_saved(key, location, device)
+                tensor = merged(key.removesuffix(".weight"), tensor)
+            elif expert is not None:  # one expert's projection, as the original checkpoints store them
+                if prequantized:  # a base qtune saved in 4 bits
+                    tensor = dequantize_saved(key, location, device)
+                tensor = merged(expert, tensor)
+                if family.layout == "interleaved":  # gpt-oss saved per expert: fused back, as transformers reads it
+                    collect(f"{expert}.weight", tensor)
+                    continue
+                key = family.original_key(expert)
+            elif family and family.layout == "interleaved" and re.search(r"\.experts\.\d+\.\w+\.bias$", key):
+                collect(key, tensor)
+                continue
+            elif fused is not None:  # a layer's experts fused (gpt-oss), each expert quantized on its own
+                tensor = map_fused_experts(tensor, fused[1], fused[0], family, merged)
             writer.add(key, tensor.to(dtype) if tensor.dtype.is_floating_point else tensor)
             del tensor
-        if deltas:
+        if deltas or pending:
             raise QtuneError(
-                f"adapter layers not found in the base checkpoint: {sorted(deltas)[:3]}",
+                f"adapter layers not found in the base checkpoint: {sorted(deltas or pending)[:3]}",
                 fix="was the adapter trained on this base?",
                 code=EXIT_INTEGRITY,
             )

@@ -23,16 +23,25 @@ def write_nf4(merged_dir: Path, target: Path, quant) -> Path:
 
     from qtune.modeling.config import load_config
     from qtune.modeling.load import device_map
+    from qtune.modeling.moe.experts import quantize_experts
+    from qtune.modeling.moe.families import moe_family
+    from qtune.modeling.moe.streaming import as_bitsandbytes, experts_quantizer_config
     from qtune.modeling.precision import bnb_config, half_dtype, keep_cpu_4bit_layout_trainable
 
     # fp16, the compute dtype every GPU has, except for families whose activations overflow it (bf16 for those)
-    half = half_dtype(load_config(merged_dir))
+    config = load_config(merged_dir)
+    half = half_dtype(config)
+    quantization = bnb_config(quant.type, double_quant=quant.double_quant, compute_dtype=half)
+    streamed = moe_family(config) is not None  # a mixture of experts: its experts quantized as they load
     model = AutoModelForCausalLM.from_pretrained(
         merged_dir,
-        quantization_config=bnb_config(quant.type, double_quant=quant.double_quant, compute_dtype=half),
+        quantization_config=experts_quantizer_config(quantization) if streamed else quantization,
         dtype=half,
         device_map=device_map(),
     )
+    if streamed:
+        as_bitsandbytes(model, quantization)
+        quantize_experts(model, quantization, half)  # saved per expert (qtune.modeling.moe.saved)
     keep_cpu_4bit_layout_trainable(model)  # a saved file must hold the standard layout, never the CPU repack
     with staged(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
@@ -51,12 +60,17 @@ def write_nf4_artifact(job: ExportJob, target: Path) -> None:
 
 
 def load_nf4(path: Path, *, config, dtype, on_gpu: bool):
-    """An NF4 export as its users load it: transformers, no quantization arguments (its config.json carries them)."""
+    """An NF4 export as its users load it: transformers, no quantization arguments (its config.json carries them); a
+    mixture of experts through qtune.modeling.moe.saved (transformers cannot read 4-bit experts)."""
     from transformers import AutoModelForCausalLM
 
+    from qtune.modeling.config import load_config
     from qtune.modeling.load import device_map
+    from qtune.modeling.moe.saved import finish_saved_moe, saved_moe_options
     from qtune.modeling.precision import keep_cpu_4bit_layout_trainable
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map())
+    saved = load_config(path)  # with its quantization, which the merged model's `config` has not
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map(), **saved_moe_options(saved))
+    finish_saved_moe(model, saved.quantization_config)  # a mixture of experts' 4-bit experts, as saved
     keep_cpu_4bit_layout_trainable(model)
     return model

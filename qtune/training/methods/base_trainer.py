@@ -22,7 +22,12 @@ class QtuneTrainerMixin:
     (qtune/core/checkpoints.py). Put before the trl trainer in the bases."""
 
     def __init__(self, *args, keep_checkpoints: int = 3, offload_activations: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        from qtune.modeling.load import peft_sees_per_expert_layers
+
+        model = kwargs.get("model", args[0] if args else None)
+        # trl's DPO adds a frozen copy of the adapter: on a mixture of experts, peft's rename must stay away from it
+        with peft_sees_per_expert_layers(model.get_base_model() if hasattr(model, "get_base_model") else model):
+            super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.offload_activations = offload_activations
         self.step_trace = (
@@ -72,6 +77,15 @@ class QtuneTrainerMixin:
             if self.args.should_save:
                 shutil.rmtree(folder, ignore_errors=True)  # a half-written checkpoint is worth nothing
             raise disk_full(folder.name, folder.parent, fix=RESUME_AFTER_DISK_FULL) from None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's resume, with peft's rename of a mixture of experts' LoRA keys kept away (on resume peft would
+        rename the experts' keys for transformers' fused layout, and their LoRA weights would start over:
+        qtune.modeling.load.peft_sees_per_expert_layers)."""
+        from qtune.modeling.load import peft_sees_per_expert_layers
+
+        with peft_sees_per_expert_layers(self.accelerator.unwrap_model(self.model).get_base_model()):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         testhooks.fault_point("optimizer", self.state.global_step)

@@ -30,6 +30,12 @@ def trainer_options(recipe, tokenizer, continues_adapter: bool) -> dict:
     return {"data_collator": PackedCollator(tokenizer.pad_token_id, row_tokens=recipe.data.max_length)}
 
 
+def router_aux_loss(history: list[dict]) -> dict:
+    """A mixture of experts' load-balancing loss as last logged (nothing for a dense model)."""
+    logged = [entry["router_aux_loss"] for entry in history if "router_aux_loss" in entry]
+    return {"router_aux_loss": logged[-1]} if logged else {}
+
+
 def result_rows(metrics: dict) -> list[tuple[str, str]]:
     """The validation perplexity after training."""
     return [("eval perplexity", fmt(metrics.get("eval_perplexity"), ".3f"))]
@@ -60,7 +66,7 @@ SFT = TrainingMethod(
     describe_setup=says_nothing,
     sequences_in_flight=lambda recipe: 1,  # one packed row of at most max_length tokens at a time
     language_model_loss=True,
-    metrics=lambda history, before, final_eval: {},
+    metrics=lambda history, before, final_eval: router_aux_loss(history),
     result_rows=result_rows,
     card_description=card_description,
 )

@@ -57,6 +57,11 @@ class QtuneSFTTrainer(QtuneTrainerMixin, SFTTrainer):
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if not hasattr(self, "aux_coef"):
+            self.aux_coef = router_aux_loss_coef(unwrapped)
+        aux_coef = self.aux_coef
+        if aux_coef is not None:  # a mixture of experts: the router's load-balancing loss, as the model computes it
+            forward_inputs["output_router_logits"] = True
         # no KV cache: transformers only builds the packed (block-diagonal) mask without one
         with chunked_loss.last_hidden_state(unwrapped) as captured:
             outputs = model(**forward_inputs, use_cache=False, logits_to_keep=1)
@@ -71,5 +76,28 @@ class QtuneSFTTrainer(QtuneTrainerMixin, SFTTrainer):
                 loss = loss * self.accelerator.num_processes
         else:
             loss = loss_sum / max(count, 1)
+        if aux_coef is not None and getattr(outputs, "aux_loss", None) is not None:
+            # added as the model's own forward adds it to its mean loss (coef * aux), weighted by this row's share of
+            # the step's tokens so the step's sum is coef times their token-weighted mean
+            share = count / num_items_in_batch if num_items_in_batch is not None else 1.0
+            loss = loss + aux_coef * outputs.aux_loss.to(loss.dtype) * share
+            self.router_aux_losses = [*getattr(self, "router_aux_losses", []), outputs.aux_loss.item()]
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        """The Trainer's log, with a mixture of experts' mean load-balancing loss since the last one."""
+        aux = getattr(self, "router_aux_losses", [])
+        if aux and "loss" in logs:
+            logs["router_aux_loss"] = round(sum(aux) / len(aux), 6)
+            self.router_aux_losses = []
+        super().log(logs, *args, **kwargs)
+
+
+def router_aux_loss_coef(model) -> float | None:
+    """The weight of a mixture of experts' load-balancing loss (config.router_aux_loss_coef), None for a dense model."""
+    from qtune.modeling.load import has_experts
+
+    if not has_experts(model):
+        return None
+    return float(getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)

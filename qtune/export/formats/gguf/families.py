@@ -59,6 +59,13 @@ def add_hyperparameters(writer, arch: str, config) -> None:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
             writer.add_sliding_window(config.sliding_window)
+    elif arch == "gpt-oss":  # alternate sliding layers (llama.cpp's pattern for it), yarn rope as its converter writes
+        import gguf
+
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope_parameters(config).get("original_max_position_embeddings", 4096)))
     elif arch == "phi3":
         # llama.cpp takes 0 for "no sliding window" (Phi-4), as its converter writes it
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)

@@ -57,8 +57,9 @@ def layer_order(gguf_name: str) -> tuple[int, str]:
     return (int(found.group(1)) if found else -1, gguf_name)
 
 
-def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str) -> list[str]:
-    """The ggml type name of each (gguf name, HF shape) in file order, for the format `mix_name`."""
+def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, *, experts: int = 0) -> list[str]:
+    """The ggml type name of each (gguf name, HF shape) in file order, for the format `mix_name`; `experts`: the
+    routed experts per layer of a mixture of experts (llama.cpp gives 8-expert models more bits in attention)."""
     mix = MIXES[mix_name]
     names = [name for name, _ in tensors]
     tied = "output.weight" not in names
@@ -67,8 +68,10 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str) -> l
     value_index = down_index = 0
     types = []
     for name, shape in tensors:
-        if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight"):
-            types.append("F32")  # norms, biases and other vectors stay F32, as llama.cpp's converter keeps them
+        if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
+            # norms, biases and other vectors stay F32, as llama.cpp's converter keeps them; so does the router
+            # (ffn_gate_inp), which llama-quantize never quantizes
+            types.append("F32")
             continue
         if mix.default == "F16":
             types.append("F16")
@@ -83,7 +86,13 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str) -> l
         elif _is_value_projection(name):
             if mix_name in ("Q4_K_M", "Q5_K_M") and more_bits(value_index, value_count):
                 chosen = "Q6_K"
+            if experts == 8:  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB" (llama.cpp)
+                chosen = "Q8_0"
             value_index += 1
+        elif "attn_k.weight" in name and experts == 8:
+            chosen = "Q8_0"
+        elif "attn_output.weight" in name and experts == 8 and mix_name == "Q4_K_M":
+            chosen = "Q5_K"
         elif "ffn_down" in name:
             if mix_name in ("Q4_K_M", "Q5_K_M") and more_bits(down_index, down_count):
                 chosen = "Q6_K"

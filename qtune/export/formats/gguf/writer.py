@@ -19,6 +19,7 @@ from qtune.core.fs import staged, write_text_atomically
 from qtune.core.log import get_logger
 from qtune.core.noise import no_gguf_dequantize_bar
 from qtune.core.testhooks import fault_point
+from qtune.export.formats.gguf.experts import add_expert_hyperparameters, gguf_sources, read_gguf_moe
 from qtune.export.formats.gguf.families import add_hyperparameters, as_llama_cpp_expects, extra_tensors
 from qtune.export.formats.gguf.kquants import BLOCK_BYTES, quantize_k
 from qtune.export.formats.gguf.ollama import ollama_modelfile
@@ -123,6 +124,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str) -> Path:
     from transformers import AutoTokenizer
 
     from qtune.modeling.config import load_config
+    from qtune.modeling.moe.families import moe_family
     from qtune.modeling.weights import checkpoint_tensors
 
     config = load_config(merged_dir)
@@ -143,13 +145,16 @@ def write_gguf(merged_dir: Path, target: Path, quant: str) -> Path:
         scores = None if scores is None else scores + [-1000.0] * (rows - len(scores))
     mix = MIXES[quant]
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], config.num_hidden_layers)
     location = checkpoint_tensors(merged_dir)
     if config.tie_word_embeddings:
         location.pop("lm_head.weight", None)
-
+    # each tensor as llama.cpp holds it (a mixture of experts' experts stacked per layer), read when written
+    sources = gguf_sources(
+        location, config, lambda name: read_tensor(location, name), lambda name: tensor_shape(location, name)
+    )
     named = []  # (gguf name, hf name), laid out layer by layer as llama.cpp's type rules count them
-    for hf_name in location:
+    for hf_name in sources:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise QtuneError(
@@ -159,8 +164,10 @@ def write_gguf(merged_dir: Path, target: Path, quant: str) -> Path:
             )
         named.append((gguf_name, hf_name))
     named.sort(key=lambda pair: layer_order(pair[0]))
-    shapes = {hf_name: tensor_shape(location, hf_name) for _, hf_name in named}
-    types = tensor_types([(gguf_name, shapes[hf_name]) for gguf_name, hf_name in named], quant)
+    shapes = {hf_name: sources[hf_name][0] for _, hf_name in named}
+    family = moe_family(config)
+    experts = family.expert_count(config) if family else 0
+    types = tensor_types([(gguf_name, shapes[hf_name]) for gguf_name, hf_name in named], quant, experts=experts)
     plan = [
         (gguf_name, hf_name, getattr(gguf.GGMLQuantizationType, kind))
         for (gguf_name, hf_name), kind in zip(named, types)
@@ -171,6 +178,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str) -> Path:
         try:
             writer.add_name(Path(merged_dir).name)
             add_hyperparameters(writer, arch, config)
+            add_expert_hyperparameters(writer, config)
             writer.add_vocab_size(len(tokens))
             writer.add_file_type(getattr(gguf.LlamaFileType, mix.file_type))
             writer.add_tokenizer_model(tokenizer_model)
@@ -201,7 +209,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str) -> Path:
             for data in extra.values():
                 writer.write_tensor_data(data)
             for index, (_, hf_name, ggml_type) in enumerate(plan):
-                data = as_llama_cpp_expects(arch, config, hf_name, read_tensor(location, hf_name))
+                data = as_llama_cpp_expects(arch, config, hf_name, sources[hf_name][1]())
                 if ggml_type == gguf.GGMLQuantizationType.F32:
                     data = data.astype(np.float32)
                 elif ggml_type == gguf.GGMLQuantizationType.F16:
@@ -236,7 +244,11 @@ def load_gguf(path: Path, *, config, dtype, on_gpu: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qtune.modeling.load import device_map
+    from qtune.modeling.moe.families import moe_family
 
+    if moe_family(config) is not None:  # transformers' GGUF reader knows few of these: qtune's own reads them
+        model = read_gguf_moe(path, config, dtype)
+        return model.to(device_map()[""]) if on_gpu else model
     read_back_as = READ_BACK_AS[GGUF_ARCHITECTURES[config.model_type]]
     if read_back_as != config.model_type:
         # Mistral is written as llama, as llama.cpp's converter does: it runs as llama, without the sliding window

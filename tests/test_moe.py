@@ -497,7 +497,8 @@ def test_validate_refuses_experts_qtune_cannot_quantize_in_one_line(tmp_path, ru
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_dpo_trains_a_mixture_of_experts(tmp_path, moe_base, run_cli):
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_preference_methods_train_a_mixture_of_experts(method, tmp_path, moe_base, run_cli):
     """trl's DPO adds a frozen copy of the adapter as its reference: on a mixture of experts, peft's rename would put
     that copy elsewhere and the trainer would fail to build (qtune.training.methods.base_trainer keeps it away)."""
     from safetensors import safe_open
@@ -506,9 +507,33 @@ def test_dpo_trains_a_mixture_of_experts(tmp_path, moe_base, run_cli):
 
     base = moe_base("qwen3_moe")
     data = write_demo_data(tmp_path / "pairs.jsonl", count=60, preference=True)
-    raw = recipe_dict(base, data, tmp_path / "run", fmt="preference", train={"method": "dpo", "max_steps": 2})
+    raw = recipe_dict(base, data, tmp_path / "run", fmt="preference", train={"method": method, "max_steps": 2})
     code, _, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err[-3000:]
     with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert any(".experts.3.down_proj.lora_B" in key for key in keys) and not any(".mlp.gate.lora" in k for k in keys)
+
+
+@pytest.mark.slow  # ~30 s: two processes
+def test_ddp_trains_a_mixture_of_experts_whose_step_leaves_experts_unrouted(tmp_path, moe_data, tiny_tokenizer):
+    """64 experts, one per token, one sample per rank and step: some experts get no token, so their LoRA
+    weights no gradient. DDP then needs find_unused_parameters (qtune.training.arguments sets it for an MoE); without
+    it the second step fails."""
+    import sys
+
+    from helpers import run_qtune
+
+    model = tiny_moe("qwen3_moe", tiny_tokenizer, config_extra={"num_experts": 64, "num_experts_per_tok": 1})
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    raw = recipe_dict(
+        tmp_path / "m",
+        moe_data,
+        tmp_path / "run",
+        data={"max_length": 128},
+        train={"micro_batch_size": 1, "max_steps": 3, "save_steps": 3, "eval_steps": 3},
+    )
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    result = run_qtune(["-m", "qtune", "train", str(write_recipe(tmp_path / "r.yaml", raw))], launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]

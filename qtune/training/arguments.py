@@ -34,9 +34,11 @@ def build_trainer_config(
     max_length: int,
     use_cpu: bool,
     eval_before: bool = False,
+    routed_experts: bool = False,
 ):
     """The trainer's arguments (`config_class`, the method's trl config) from the train and log sections, the method's
-    own settings, and train.extra passed through (checked against the config's fields)."""
+    own settings, and train.extra passed through (checked against the config's fields). `routed_experts`: the model is
+    a mixture of experts (an expert no token of a step reached has LoRA weights without a gradient that step)."""
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(train.extra) - known)
     if unknown:
@@ -83,7 +85,8 @@ def build_trainer_config(
         max_length=max_length,
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
         dataloader_pin_memory=not use_cpu,
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass per step
+        # every LoRA weight of a dense model gets a gradient (the search costs a pass per step); an unrouted expert's not
+        ddp_find_unused_parameters=routed_experts,
         prediction_loss_only=True,  # evaluation needs the loss only, not every batch's logits kept
         disable_tqdm=False,
     )

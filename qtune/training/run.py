@@ -33,6 +33,7 @@ from qtune.data.prepared import PreparedData
 from qtune.data.templates import resolve_chat_template
 from qtune.export.formats import formats_problem
 from qtune.modeling import load as model_loading
+from qtune.modeling.moe.families import moe_family
 from qtune.modeling.precision import resolve_compute_dtype
 from qtune.publish import hub
 from qtune.publish.report_page import build_report
@@ -200,6 +201,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
         max_length=recipe.data.max_length,
         use_cpu=use_cpu,
         eval_before=data.val is not None and not (run_dir / EVAL_BEFORE).is_file(),
+        routed_experts=moe_family(model_config) is not None,
     )
     if distributed.rank() == 0:
         write_text_atomically(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))

@@ -151,15 +151,17 @@ def exec_capped(cap_gib: float | None, command: list[str]) -> None:
 # --------------------------------------------------------------------------- models and data, built here
 
 
-def build_base(folder: Path, shape: dict, device: str) -> int:
-    """A Llama of `shape` with random bf16 weights (std 0.02, norms at 1) and qtune's tokenizer; returns parameters."""
+def build_base(folder: Path, shape: dict, device: str, model_type: str = "llama") -> int:
+    """A model of `model_type` and `shape` (a Llama unless said) with random bf16 weights (std 0.02, norms at 1) and
+    qtune's tokenizer; returns parameters."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from qtune.demo.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = AutoConfig.for_model(model_type, **shape, **ids)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -764,30 +766,6 @@ def section_fsdp(kit: Kit, base_1b: Path) -> None:
             entry["status"] = "failed"
 
 
-def build_moe(folder: Path, shape: dict, device: str) -> int:
-    """A Qwen3-MoE of `shape` with random bf16 weights and qtune's tokenizer; returns its parameters."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    from qtune.demo.tiny_models import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = Qwen3MoeConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if "norm" in name else param.normal_(0, 0.02)
-    model.save_pretrained(folder, max_shard_size="2GB")
-    tokenizer.save_pretrained(folder)
-    count = sum(p.numel() for p in model.parameters())
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return count
-
-
 def section_moe(kit: Kit) -> None:
     """Qwen3-30B-A3B's shape (MOE_LAYERS of its layers) with its experts in 4 bits, trained at 4,096 tokens with
     recipes/qwen3-30b-a3b-alpaca.yaml's LoRA: peak against the plan, tokens/s, and the whole model's peak by the plan
@@ -799,7 +777,7 @@ def section_moe(kit: Kit) -> None:
             return
         base = kit.work / "qwen3-30b-a3b-shape"
         started = time.perf_counter()
-        entry["parameters"] = build_moe(base, shape, kit.device)
+        entry["parameters"] = build_base(base, shape, kit.device, model_type="qwen3_moe")
         entry["build_seconds"] = round(time.perf_counter() - started, 1)
         raw = recipe(base, kit.work / "moe-run", alpaca_data(kit, max_length), max_steps=3 if kit.dry_run else 6,
                      micro_batch_size=8, gradient_checkpointing=True, lora_dropout=0.0)  # fmt: skip

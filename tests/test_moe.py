@@ -114,19 +114,19 @@ def test_experts_quantize_while_loading_one_layer_in_16_bits_at_a_time(tmp_path,
 
     from qtune.config.recipe import validate_recipe
     from qtune.modeling import load
-    from qtune.modeling.moe import experts as experts_module
+    from qtune.modeling.moe import streaming
 
     tiny_moe("mixtral", tiny_tokenizer, layers=6).save_pretrained(tmp_path / "m")
     recipe = validate_recipe(recipe_dict(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "run"))
     arrived, alive_at_arrival = [], []
-    quantize = experts_module.nf4_weights
+    quantize = streaming.nf4_weights
 
     def watched(tensor, *args):
         alive_at_arrival.append(sum(ref() is not None for ref in arrived))
         arrived.append(weakref.ref(tensor))
         return quantize(tensor, *args)
 
-    monkeypatch.setattr(experts_module, "nf4_weights", watched)
+    monkeypatch.setattr(streaming, "nf4_weights", watched)  # what the loader quantizes as it reads
     base = load.load_base(recipe.model, recipe.quant, torch.float32)
     assert len(arrived) == 6 * 2  # each layer's gate_up_proj and down_proj, quantized as they loaded
     assert max(alive_at_arrival) <= 2, alive_at_arrival  # at most the previous one or two, never the model's

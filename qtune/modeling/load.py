@@ -170,7 +170,7 @@ def load_base(model: ModelSection, quant: QuantSection, compute_dtype: torch.dty
             as_bitsandbytes(base, quantization)
         quantize_experts(base, quantization, compute_dtype)  # the per-expert layers from the 4-bit weights
     else:
-        finish_saved_moe(base, quantization)
+        finish_saved_moe(base, config.quantization_config)  # as saved, like any base saved in 4-bit
     keep_cpu_4bit_layout_trainable(base)
     if saved is not None:  # its saved compute dtype is whatever the uploader's GPU had
         import bitsandbytes as bnb

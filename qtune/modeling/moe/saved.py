@@ -58,10 +58,8 @@ def finish_saved_moe(model, quantization) -> None:
     )
     dtype = model.get_input_embeddings().weight.dtype
     for module in model.modules():
-        if isinstance(module, QuantizedExperts):
-            continue
-        router = getattr(module, family.router, None)
-        if router is not None and isinstance(getattr(module, "experts", None), QuantizedExperts):
+        if isinstance(getattr(module, "experts", None), QuantizedExperts):  # an MoE block: its router beside them
+            router = getattr(module, family.router)
             # transformers loads a pre-quantized checkpoint's other weights in its own choice of dtype, not the same
             # for all (gpt-oss's router stayed fp16 under an fp32 load, its embeddings did not)
             router.to(dtype)

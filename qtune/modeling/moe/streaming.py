@@ -17,6 +17,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from qtune.modeling.moe.experts import nf4_weights, place_experts_skeletons
+
 METHOD = "qtune_bnb_experts"
 
 
@@ -47,8 +49,6 @@ class ExpertsQuantize(Bnb4bitQuantize):
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
         """The loaded tensors quantized: an expert weight's 4-bit weights kept on its module (its 16-bit tensor let
         go: an empty placeholder takes its place), a linear weight as bitsandbytes' own quantizer does."""
-        from qtune.modeling.moe.experts import nf4_weights
-
         result, linear = {}, {}
         for name, value in input_dict.items():
             module, attribute = get_module_from_name(model, name)
@@ -81,8 +81,6 @@ class ExpertsQuantizer(Bnb4BitHfQuantizer):
         4-bit layers in place of the fused experts too (qtune.modeling.moe.saved), which its weights then fill."""
         super()._process_model_before_weight_loading(model, device_map, **kwargs)
         if self.pre_quantized:
-            from qtune.modeling.moe.experts import place_experts_skeletons
-
             place_experts_skeletons(model)
 
 

@@ -95,6 +95,7 @@ def read_gguf_moe(path: Path, config, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from qtune.export.formats.gguf.families import tensor_name_map
     from qtune.export.formats.gguf.support import GGUF_ARCHITECTURES
 
     arch = GGUF_ARCHITECTURES[config.model_type]
@@ -103,7 +104,7 @@ def read_gguf_moe(path: Path, config, dtype):
     stored = {
         t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32) for t in reader.tensors
     }
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], config.num_hidden_layers)
+    names = tensor_name_map(arch, config.num_hidden_layers)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for key, parameter in model.state_dict().items():

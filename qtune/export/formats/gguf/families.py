@@ -11,6 +11,13 @@ import numpy as np
 NORM_PLUS_ONE = ("gemma2", "gemma3")
 
 
+def tensor_name_map(arch: str, layers: int):
+    """gguf-py's map from checkpoint names to llama.cpp's tensor names for `arch` (llama.cpp's spelling, e.g. gpt-oss)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], layers)
+
+
 def head_size(config) -> int:
     """The attention head size (explicit head_dim, else hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -20,7 +20,12 @@ from qtune.core.log import get_logger
 from qtune.core.noise import no_gguf_dequantize_bar
 from qtune.core.testhooks import fault_point
 from qtune.export.formats.gguf.experts import add_expert_hyperparameters, gguf_sources, read_gguf_moe
-from qtune.export.formats.gguf.families import add_hyperparameters, as_llama_cpp_expects, extra_tensors
+from qtune.export.formats.gguf.families import (
+    add_hyperparameters,
+    as_llama_cpp_expects,
+    extra_tensors,
+    tensor_name_map,
+)
 from qtune.export.formats.gguf.kquants import BLOCK_BYTES, quantize_k
 from qtune.export.formats.gguf.ollama import ollama_modelfile
 from qtune.export.formats.gguf.support import GGUF_ARCHITECTURES, READ_BACK_AS, gguf_problem
@@ -145,7 +150,7 @@ def write_gguf(merged_dir: Path, target: Path, quant: str) -> Path:
         scores = None if scores is None else scores + [-1000.0] * (rows - len(scores))
     mix = MIXES[quant]
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], config.num_hidden_layers)
+    names = tensor_name_map(arch, config.num_hidden_layers)
     location = checkpoint_tensors(merged_dir)
     if config.tie_word_embeddings:
         location.pop("lm_head.weight", None)

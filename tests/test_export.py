@@ -25,6 +25,7 @@ def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, famil
     run_dir = request.getfixturevalue(f"{family}_run")
     out = tmp_path / "export"
     args = ["export", run_dir, "--out", out] + [x for f in ALL_FORMATS for x in ("--format", f)]
+    args += ["--set", "export.gptq.group_size=32", "--set", "export.gptq.calibration_samples=8"]  # 64-wide models
     code, stdout, stderr = run_cli(*args)
     assert code == 0, stderr
     report = json.loads((out / "export_report.json").read_text())
@@ -40,6 +41,8 @@ def test_every_format_round_trips_and_meets_the_targets(request, tmp_path, famil
     for name in ("nf4", "gguf_q5_k_m", "gguf_q4_k_m", "gguf_q4_0"):
         assert np.isfinite(rows[name]["perplexity"]) and rows[name]["mean_kl"] > rows["gguf_q8_0"]["mean_kl"]
     assert rows["gguf_q6_k"]["top1_agreement"] >= 0.99
+    # GPTQ through each family's own layers (Gemma's sliding and global masks, Phi-3's fused projections)
+    assert rows["gptq_int8"]["top1_agreement"] >= 0.99 and rows["gptq_int4"]["top1_agreement"] >= 0.9
     print(family, {name: f"{row['mean_kl']:.1e} / {100 * row['top1_agreement']:.1f}%" for name, row in rows.items()})
     assert "adapter+NF4" in stdout and "gguf_q4_0" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

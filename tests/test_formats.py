@@ -45,14 +45,14 @@ def test_the_recipe_and_the_hub_push_take_their_choices_from_the_registry():
     formats = typing.get_args(typing.get_args(ExportSection.model_fields["formats"].annotation)[0])
     assert formats == tuple(FORMATS)
     targets = typing.get_args(typing.get_args(HubSection.model_fields["push"].annotation)[0])
-    assert targets == PUSH_TARGETS == ("adapter", "merged", "nf4", "gguf")
+    assert targets == PUSH_TARGETS == ("adapter", "merged", "nf4", "gptq", "gguf")
 
 
 def test_a_format_the_model_cannot_have_is_named_with_the_ones_it_can():
     gemma = {"model_type": "gemma"}
     problem = formats_problem(["merged_fp16", "gguf_q8_0", "gguf_f16"], gemma)
     assert "does not support the 'gemma' architecture" in problem and "so not gguf_q8_0, gguf_f16" in problem
-    assert problem.endswith("for this model: adapter, merged_fp16, merged_bf16, nf4")
+    assert problem.endswith("for this model: adapter, merged_fp16, merged_bf16, nf4, gptq_int8, gptq_int4")
     assert formats_problem(["merged_fp16", "nf4"], gemma) is None
 
 

@@ -72,6 +72,7 @@ def cmd_export(args) -> int:
         eval_data=args.eval_data,
         eval_format=args.eval_format,
         eval_samples=args.eval_samples,
+        overrides=args.overrides,
     )
     return 0
 
@@ -130,6 +131,14 @@ def cmd_plan(args) -> int:
         recipe, gpu_gib=gpu_gib, budget_bytes=budget, compute_bytes=compute_bytes, device="cpu" if args.cpu else "cuda"
     )
     print(describe_plan(plan, args.gpu or ("free RAM" if args.cpu else None)))
+    if any(name.startswith("gptq_") for name in recipe.export.formats):
+        from qtune.export.formats.gptq import describe_export_peak
+        from qtune.modeling.config import load_config
+        from qtune.planning.memory import inventory
+
+        model = recipe.model
+        config = load_config(model.name, model.revision, trust_remote_code=model.trust_remote_code)
+        print(describe_export_peak(config, recipe.export.gptq, inventory(config).total))
     if not args.cpu:
         print("\n".join(context_table(plan)))
     print(

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--eval-data", help="data file for the fidelity report (default: the run's validation set)")
     export.add_argument("--eval-format", help="format of --eval-data (default: the recipe's first dataset format)")
     export.add_argument("--eval-samples", type=int, default=32, help="samples compared per artifact (default 32)")
+    add_overrides(export)  # the export section only (export.gptq.group_size=64): the run's recipe.yaml is unchanged
 
     push = commands.add_parser("push", help="upload a run (adapter and/or exports) with a model card to the Hub")
     push.add_argument("run_dir")

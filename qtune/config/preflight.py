@@ -62,9 +62,9 @@ def check_local_model(recipe: Recipe) -> str | None:
         ) from None
     if not isinstance(config, dict):
         raise EnvironmentProblem("the model's config.json is not a JSON object", where=str(config_file))
-    problem = formats_problem(recipe.export.formats, config)
+    problem = formats_problem(recipe.export.formats, config, recipe.export)
     if problem:
-        raise RecipeError(problem, where=str(config_file), fix="change export.formats")
+        raise RecipeError(problem, where=str(config_file), fix="change export.formats or export.gptq")
     experts = moe_problem(config)
     if experts:
         raise RecipeError(experts[0], where=str(config_file), fix=experts[1])

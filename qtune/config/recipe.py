@@ -21,6 +21,7 @@ from qtune.core.errors import RecipeError
 from qtune.core.schema import Section
 from qtune.data import DATA_FORMATS
 from qtune.export.formats import FORMAT_NAMES, PUSH_TARGETS
+from qtune.export.formats.gptq import GROUP_SIZES
 from qtune.training.methods import METHODS
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -216,6 +217,23 @@ class LogSection(Section):
 MERGE_BASES = ("dequantized", "original")
 
 
+class GptqSection(Section):
+    """How the GPTQ formats (gptq_int4, gptq_int8: the bits) round the merged weights (export.gptq:)."""
+
+    group_size: Literal[GROUP_SIZES] = 128
+    """Input columns sharing one scale (the sizes vLLM's kernels run); -1: one scale per output row."""
+    desc_act: bool = False
+    """Round the columns in order of decreasing activation (act-order): a little more accurate, no slower to serve."""
+    symmetric: bool = True
+    """A grid symmetric around zero (no zero points), what most GPTQ checkpoints use; false adds zero points."""
+    dampening: float = Field(0.01, gt=0, lt=1)
+    """Fraction of the Hessian's mean diagonal added to its diagonal, so that it stays invertible."""
+    calibration_samples: int = Field(128, gt=0)
+    """Training samples the Hessians are measured on (drawn with train.seed)."""
+    calibration_length: int = Field(512, ge=16)
+    """Tokens per calibration sample, at most (longer ones are cut)."""
+
+
 class ExportSection(Section):
     """Exports written right after training (export:), as `qtune export` writes them."""
 
@@ -225,6 +243,8 @@ class ExportSection(Section):
     """Merge into the dequantized NF4 weights the adapter was trained on (exact), or the original weights."""
     eval_samples: int = Field(32, gt=0)
     """Validation samples used to compare every export with the trained model."""
+    gptq: GptqSection = GptqSection()
+    """The GPTQ formats' settings."""
 
 
 class HubSection(Section):
@@ -235,7 +255,7 @@ class HubSection(Section):
     private: bool = True
     """Create the repo private (the default)."""
     push: list[Literal[PUSH_TARGETS]] = ["adapter"]
-    """What to push after training: adapter, merged, nf4, gguf (exports must be in export.formats)."""
+    """What to push after training: adapter, merged, nf4, gptq, gguf (exports must be in export.formats)."""
     push_checkpoints: bool = False
     """Push every saved checkpoint too, so `qtune train RECIPE --resume` can continue on a fresh machine (Colab)."""
 

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtune.config.recipe import Recipe, validate_recipe
-from qtune.core.errors import EXIT_INTEGRITY, QtuneError
+from qtune.config.recipe import Recipe, apply_override, validate_recipe
+from qtune.core.errors import EXIT_INTEGRITY, QtuneError, RecipeError
 from qtune.core.folders import ADAPTER, EXPORT, METRICS, RECIPE_FILE
 from qtune.export.formats import FORMATS
 
@@ -36,8 +36,9 @@ class TrainedRun:
         return (export_dir or self.export_dir) / FORMATS[fmt].artifact
 
 
-def open_run(run_dir: str | Path) -> TrainedRun:
-    """A finished run: its recipe (validated again) and its adapter; refused with one line when it is not one."""
+def open_run(run_dir: str | Path, export_overrides: list[str] | None = None) -> TrainedRun:
+    """A finished run: its recipe (validated again, with --set overrides of its export section) and its adapter;
+    refused with one line when it is not one. The run's recipe.yaml is never changed."""
     import yaml
 
     run_dir = Path(run_dir)
@@ -46,7 +47,15 @@ def open_run(run_dir: str | Path) -> TrainedRun:
         raise QtuneError(
             f"not a qtune run folder: {run_dir}", fix="give the train.output_dir of a finished run", code=EXIT_INTEGRITY
         )
-    recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), where=str(recipe_file))
+    raw = yaml.safe_load(recipe_file.read_text())
+    for override in export_overrides or []:
+        if not override.strip().startswith("export."):
+            raise RecipeError(
+                f"--set {override.partition('=')[0]}: only the export section can change after training",
+                fix="write --set export.gptq.group_size=64 and the like",
+            )
+        apply_override(raw, override)
+    recipe = validate_recipe(raw, where=str(recipe_file) + (" with --set" if export_overrides else ""))
     adapter_dir = run_dir / ADAPTER
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise QtuneError(

@@ -28,9 +28,9 @@ from qtune.publish.report_page import build_report
 log = get_logger(__name__)
 
 
-def check_formats(formats: list[str], config: dict) -> list[str]:
-    """The formats to write, de-duplicated in the order given; an unknown one, or one the model's architecture cannot
-    have, is refused before anything is written."""
+def check_formats(formats: list[str], config: dict, export_section=None) -> list[str]:
+    """The formats to write, de-duplicated in the order given; an unknown one, or one the model's architecture (or
+    the recipe's export section) cannot have, is refused before anything is written."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         guess = difflib.get_close_matches(unknown[0], FORMATS, n=1)
@@ -43,6 +43,9 @@ def check_formats(formats: list[str], config: dict) -> list[str]:
         raise QtuneError(
             problem, fix="choose those formats, or convert merged_fp16 with llama.cpp", code=EXIT_ENVIRONMENT
         )
+    settings = formats_problem(formats, config, export_section) if export_section is not None else None
+    if settings:
+        raise RecipeError(settings, where="the run's recipe.yaml", fix="or change it for this export with --set")
     return list(dict.fromkeys(formats))
 
 
@@ -111,21 +114,23 @@ def export(
     eval_data: str | None = None,
     eval_format: str | None = None,
     eval_samples: int = 32,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Writes every requested format, reloads each, measures it against the adapter-on-NF4 model and gates it;
-    returns the report also written to export_report.json."""
-    trained = open_run(run_dir)
+    returns the report also written to export_report.json. `overrides` (--set) change the export section only."""
+    trained = open_run(run_dir, overrides)
     if merge_base not in MERGE_BASES:
         raise RecipeError(f"unknown merge base '{merge_base}'", fix=f"choose {' or '.join(MERGE_BASES)}")
     model = trained.recipe.model
     config = load_config(model.name, model.revision, trust_remote_code=model.trust_remote_code)
-    formats = check_formats(formats, config.to_dict())
+    formats = check_formats(formats, config.to_dict(), trained.recipe.export)
     if not formats:
         raise RecipeError("no export format given", fix=f"add --format, one of {', '.join(FORMATS)}")
     # written in the registry's order: merged_fp16 before the formats that start from it
     formats = [name for name in FORMATS if name in formats]
     out = Path(out_dir) if out_dir else trained.export_dir
-    check_free_disk(out, estimate_bytes(inventory(config).total, formats))
+    parameters = inventory(config).total
+    check_free_disk(out, estimate_bytes(parameters, formats))
     samples = fidelity_samples(trained, eval_data, eval_format, eval_samples)
     # An export replaces artifacts only inside a folder qtune made for exports, and one export at a time.
     with claimed(
@@ -137,7 +142,7 @@ def export(
         what="a qtune export",
         option="--out",
     ):
-        job = ExportJob(trained, out, merge_base)
+        job = ExportJob(trained, out, merge_base, parameters=parameters)
         started = time.perf_counter()
         written: dict[str, Path] = {}
         try:

@@ -78,6 +78,35 @@ def training_rows(recipe, metrics: dict) -> list[tuple[str, str]]:
     ]
 
 
+QUANTIZED_TARGETS = {"nf4", "gguf", "gptq"}
+
+
+def gptq_sections(trained, report: dict | None) -> list[dict]:
+    """Per GPTQ export of the run: its folder, its quantization config (as config.json holds it) and its fidelity."""
+    sections = []
+    for name in ("gptq_int4", "gptq_int8"):
+        folder = trained.artifact(name)
+        if not (folder / "config.json").is_file():
+            continue
+        quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+        weights = quantization["config_groups"]["group_0"]["weights"]
+        row = ((report or {}).get("artifacts") or {}).get(name)
+        sections.append(
+            {
+                "folder": folder.name,
+                "scheme": f"{weights['num_bits']}-bit integers, group size {weights.get('group_size') or 'per row'}, "
+                f"{'symmetric' if weights['symmetric'] else 'with zero points'}, act-order "
+                f"{'on' if weights.get('actorder') else 'off'}; {quantization['format']} "
+                f"(compressed-tensors {quantization.get('version')}); 16-bit: {', '.join(quantization['ignore']) or 'none'}",
+                "fidelity": f"top-1 {100 * row['top1_agreement']:.1f}%, mean KL {row['mean_kl']:.2e}, perplexity "
+                f"{row['perplexity']:.4g} against the adapter on NF4"
+                if row and "top1_agreement" in row
+                else None,
+            }
+        )
+    return sections
+
+
 def model_card(run_dir: Path, repo_id: str, what: list[str], pushed: dict[str, Path]) -> str:
     """The model card of a run pushed to `repo_id`: what `what` uploads (`pushed`: path in the repo -> file)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -95,7 +124,10 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], pushed: dict[str, P
         base_model=recipe.model.name,
         library_name="peft" if "adapter" in what else "transformers",
         tags=["qlora", "qtune", "lora", recipe.train.method, "generated_from_trainer"]
-        + (["gguf"] if "gguf" in what else []),
+        + (["gguf"] if "gguf" in what else [])
+        + (["gptq", "compressed-tensors"] if "gptq" in what else []),
+        # a repo of quantized weights only is the Hub's "quantized" relation to its base (the adapter's is "adapter")
+        base_model_relation="quantized" if set(what) <= QUANTIZED_TARGETS else None,
         pipeline_tag="text-generation",
         datasets=hub_datasets or None,
         license=base_license(recipe.model.name),
@@ -119,5 +151,6 @@ def model_card(run_dir: Path, repo_id: str, what: list[str], pushed: dict[str, P
         what=what,
         merged_folder=next((p.split("/")[0] for p in pushed if p.startswith("merged-")), "merged-fp16"),
         gguf_file=gguf_files[0] if gguf_files else "model-q8_0.gguf",
+        gptq=gptq_sections(trained, report) if "gptq" in what else None,
     )
     return str(card) + "\n"

@@ -178,9 +178,9 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
         )
     checkpointing, offload = resolve_memory_savers(recipe, use_cpu=use_cpu, compute_bytes=compute_dtype.itemsize)
     model_config = model_loading.load_model_config(recipe.model)
-    problem = formats_problem(recipe.export.formats, model_config.to_dict())
+    problem = formats_problem(recipe.export.formats, model_config.to_dict(), recipe.export)
     if problem:  # found now, not after hours of training
-        raise RecipeError(problem, fix="change export.formats")
+        raise RecipeError(problem, fix="change export.formats or export.gptq")
     adapter = model_loading.adapter_source(recipe.model)  # its base checked before any weight loads
     tokenizer = model_loading.load_tokenizer(recipe.model)
     if recipe.data.chat_template:

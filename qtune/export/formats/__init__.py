@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qtune.core.folders import EXPORT_REPORT, LOCK, MARKER
 from qtune.export.formats import adapter, merged, nf4
 from qtune.export.formats.gguf.support import gguf_problem
+from qtune.export.formats.gptq import gptq_problem, gptq_settings_problem
 
 if TYPE_CHECKING:
     from qtune.config.runs import TrainedRun
@@ -38,6 +39,7 @@ class ExportJob:
     trained: TrainedRun
     out: Path
     merge_base: str
+    parameters: int = 0  # the base's parameter count (qtune.planning.memory), for the writers' memory checks
     fp16_merge: Path | None = None
     work_dir: Path | None = None  # the fp16 merge when it is only a step: removed when the export ends
 
@@ -60,6 +62,11 @@ def supports_every_model(config: dict) -> str | None:
     return None
 
 
+def has_no_settings(config: dict, export) -> str | None:
+    """Nothing in the export section changes this format."""
+    return None
+
+
 @dataclass(frozen=True)
 class ExportFormat:
     """One export format. Every field is required: a new format says each of them."""
@@ -73,6 +80,7 @@ class ExportFormat:
     fidelity_floor: float | None  # lowest top-1 agreement with the trained model; None: not measured (the adapter)
     push_target: str  # the `qtune push --what` that uploads it
     problem: Callable[[dict], str | None]  # why a model (its config.json) cannot have this format, or None
+    settings_problem: Callable[[dict, Any], str | None]  # why the recipe's export section cannot write it, or None
     write: Callable[[ExportJob, Path], None]  # writes the artifact at the path (staged: whole or not at all)
     load: Callable | None  # (path, *, config, dtype, on_gpu) -> the model as its users load it; None: not loaded
 
@@ -96,6 +104,43 @@ def load_gguf(path: Path, **how):
     return load(path, **how)
 
 
+def write_gptq(bits: int) -> Callable[[ExportJob, Path], None]:
+    """The writer of GPTQ at `bits` (torch and compressed-tensors imported when it runs)."""
+
+    def write(job: ExportJob, target: Path) -> None:
+        from qtune.export.formats.gptq.writer import write_gptq as write_at
+
+        write_at(job, target, bits)
+
+    return write
+
+
+def load_gptq(path: Path, **how):
+    """A GPTQ export as transformers loads it (gptq/writer.py: load_gptq)."""
+    from qtune.export.formats.gptq.writer import load_gptq as load
+
+    return load(path, **how)
+
+
+def gptq_format(bits: int, *, bytes_per_parameter: float, fidelity_floor: float) -> ExportFormat:
+    """A GPTQ format: a folder of `bits`-bit integer weights in compressed-tensors' pack-quantized layout."""
+    return ExportFormat(
+        name=f"gptq_int{bits}",
+        artifact=f"gptq-int{bits}",
+        summary=f"the merged weights rounded to {bits}-bit integers per group with GPTQ, calibrated on the run's "
+        "training samples (compressed-tensors pack-quantized)",
+        load_with="vLLM / SGLang (Marlin kernels), `AutoModelForCausalLM.from_pretrained(dir)` (no extra arguments)",
+        bytes_per_parameter=bytes_per_parameter,
+        from_fp16_merge=True,
+        fidelity_floor=fidelity_floor,
+        push_target="gptq",
+        problem=gptq_problem,
+        settings_problem=gptq_settings_problem,
+        write=write_gptq(bits),
+        load=load_gptq,
+    )
+
+
 def gguf_format(name: str, quant: str, *, bytes_per_parameter: float, fidelity_floor: float) -> ExportFormat:
     """A GGUF format: one file of llama.cpp quantization `quant`, with an Ollama Modelfile beside it."""
     return ExportFormat(
@@ -108,6 +153,7 @@ def gguf_format(name: str, quant: str, *, bytes_per_parameter: float, fidelity_f
         fidelity_floor=fidelity_floor,
         push_target="gguf",
         problem=gguf_problem,
+        settings_problem=has_no_settings,
         write=write_gguf(quant),
         load=load_gguf,
     )
@@ -128,6 +174,7 @@ FORMATS: dict[str, ExportFormat] = {
             fidelity_floor=None,
             push_target="adapter",
             problem=supports_every_model,
+            settings_problem=has_no_settings,
             write=adapter.write_adapter,
             load=None,
         ),
@@ -141,6 +188,7 @@ FORMATS: dict[str, ExportFormat] = {
             fidelity_floor=0.99,
             push_target="merged",
             problem=supports_every_model,
+            settings_problem=has_no_settings,
             write=merged.write_fp16_artifact,
             load=merged.load_merged,
         ),
@@ -154,6 +202,7 @@ FORMATS: dict[str, ExportFormat] = {
             fidelity_floor=0.97,
             push_target="merged",
             problem=supports_every_model,
+            settings_problem=has_no_settings,
             write=lambda job, target: merged.write_merged(job.trained, target, "bfloat16", job.merge_base),
             load=merged.load_merged,
         ),
@@ -167,9 +216,12 @@ FORMATS: dict[str, ExportFormat] = {
             fidelity_floor=FOUR_BIT_FLOOR,
             push_target="nf4",
             problem=supports_every_model,
+            settings_problem=has_no_settings,
             write=nf4.write_nf4_artifact,
             load=nf4.load_nf4,
         ),
+        gptq_format(8, bytes_per_parameter=1.07, fidelity_floor=0.97),
+        gptq_format(4, bytes_per_parameter=0.6, fidelity_floor=FOUR_BIT_FLOOR),
         gguf_format("gguf_f16", "F16", bytes_per_parameter=2.0, fidelity_floor=0.99),
         gguf_format("gguf_q8_0", "Q8_0", bytes_per_parameter=1.07, fidelity_floor=0.97),
         gguf_format("gguf_q6_k", "Q6_K", bytes_per_parameter=0.83, fidelity_floor=0.97),
@@ -195,11 +247,14 @@ EXPORT_FOLDER_ENTRIES = frozenset(
 )
 
 
-def formats_problem(names, config: dict) -> str | None:
+def formats_problem(names, config: dict, export=None) -> str | None:
     """Why some of the formats `names` cannot be written for a model with this config.json (no weights read), or
-    None. Said before training, not after."""
+    with the recipe's `export` section (when given), or None. Said before training, not after."""
     refused = {name: FORMATS[name].problem(config) for name in names if name in FORMATS}
     refused = {name: why for name, why in refused.items() if why}
+    if not refused and export is not None:
+        settings = (FORMATS[name].settings_problem(config, export) for name in names if name in FORMATS)
+        return next((why for why in settings if why), None)
     if not refused:
         return None
     working = [name for name, entry in FORMATS.items() if not entry.problem(config)]

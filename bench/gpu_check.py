@@ -714,9 +714,19 @@ def section_export(kit: Kit, base_1b: Path) -> None:
         if entry is None:
             return
         run_dir = base_1b.parent / "run-A"
-        formats = ["merged_fp16", "gguf_q8_0"] if kit.dry_run else ["merged_fp16", "nf4", "gguf_q8_0", "gguf_q4_0"]
+        # GPTQ on the GPU: its layer-by-layer pass and the peak the plan gives it (the tiny dry-run shape is 64 wide)
+        formats = ["merged_fp16", "gptq_int4", "gguf_q8_0"]
+        if not kit.dry_run:
+            formats += ["nf4", "gguf_q4_0"]
+        small = ["--set", "export.gptq.group_size=32", "--set", "export.gptq.calibration_samples=8"]
         result = kit.qtune(
-            "export", run_dir, *[x for f in formats for x in ("--format", f)], "--eval-samples", "8", cap=False
+            "export",
+            run_dir,
+            *[x for f in formats for x in ("--format", f)],
+            "--eval-samples",
+            "8",
+            *(small if kit.dry_run else []),
+            cap=False,
         )
         entry.update(exit=result["code"], error=result["error_line"], seconds=round(result["seconds"], 1))
         entry["peak_cuda_bytes"] = result["peak"].get("cuda_allocated_bytes")

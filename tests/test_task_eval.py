@@ -47,7 +47,7 @@ def scored_run(alpaca_file, tmp_path_factory, run_cli_module):
     assert code == 0, err
     run = folder / "run"
     task = write_choice_task(folder / "task", count=200)  # prompts of another seed than the training data's
-    formats = ["merged_fp16", "nf4", "gguf_q8_0"]
+    formats = ["merged_fp16", "nf4", "gptq_int4", "gguf_q8_0"]
     code, _, err = run_cli_module("export", run, *[a for f in formats for a in ("--format", f)], "--eval-samples", "2")
     assert code == 0, err
     code, _, err = run_cli_module("eval", run, "--samples", "8")  # the loss table, which the task scores must keep
@@ -92,13 +92,13 @@ def test_the_adapter_beats_the_base_and_every_export_stays_within_its_stderr(sco
     run, out, _ = scored_run
     tasks = json.loads((run / "eval_report.json").read_text())["tasks"]
     artifacts = tasks["artifacts"]
-    assert list(artifacts) == ["base (4-bit)", "adapter", "merged_fp16", "nf4", "gguf_q8_0"]
+    assert list(artifacts) == ["base (4-bit)", "adapter", "merged_fp16", "nf4", "gptq_int4", "gguf_q8_0"]
     score = {name: entry["scores"]["demo_choice"]["acc"] for name, entry in artifacts.items() if "scores" in entry}
     adapter = score["adapter"]
     print({name: (round(s["value"], 4), round(s["stderr"], 4)) for name, s in score.items()})
     # fine-tuning on the rules, measured on prompts the run never saw: clearly above the base, not by noise
     assert adapter["value"] > score["base (4-bit)"]["value"] + 2 * adapter["stderr"]
-    for name in ("merged_fp16", "nf4"):
+    for name in ("merged_fp16", "nf4", "gptq_int4"):
         assert abs(score[name]["value"] - adapter["value"]) <= adapter["stderr"], name
     if LLAMA_CPP:  # scored in llama.cpp itself
         assert abs(score["gguf_q8_0"]["value"] - adapter["value"]) <= adapter["stderr"]
@@ -120,7 +120,7 @@ def test_the_adapter_beats_the_base_and_every_export_stays_within_its_stderr(sco
 
 def test_the_cost_is_stated_before_the_first_model_runs(scored_run):
     _, out, _ = scored_run
-    scored = 5 if LLAMA_CPP else 4
+    scored = 6 if LLAMA_CPP else 5
     cost = f"cost: demo_choice: 150 docs, 600 multiple_choice requests — 600 requests per model, {600 * scored:,} for"
     assert cost in out
     assert out.index(cost) < out.index(f"[1/{scored}] base (4-bit): 600 requests")
@@ -192,13 +192,18 @@ def test_the_scores_chart_and_table_in_a_headless_browser(scored_run):
     )
     assert seen.requests == [(run / "report.html").resolve().as_uri()] and seen.errors == []
     assert len(seen.values["chart"]) == 1 and seen.values["chart"][0] > 100
-    assert seen.values["rows"] == [6]  # a header and the five models (a skipped GGUF is a row with its reason)
+    assert seen.values["rows"] == [7]  # a header and the six models (a skipped GGUF is a row with its reason)
 
 
 def test_each_model_is_freed_before_the_next_loads(scored_run):
     """On a T4 a 7B's merged fp16 and its NF4 export do not fit together: one model in memory at a time."""
     _, _, alive_at_load = scored_run
-    assert alive_at_load == [0, 0, 0]  # the adapter model (the base with its adapter off, too), merged_fp16, nf4
+    assert alive_at_load == [
+        0,
+        0,
+        0,
+        0,
+    ]  # the adapter model (the base with its adapter off, too), merged_fp16, nf4, gptq
 
 
 def test_the_demo_task_is_rewritten_as_it_was_and_a_users_file_is_never_overwritten(tmp_path, run_cli):

@@ -17,6 +17,9 @@ from qtune.modeling.moe.families import is_moe
 
 # the group sizes vLLM's GPTQ kernels (Marlin) run; -1: one scale per output row
 GROUP_SIZES = (-1, 32, 64, 128)
+# the exporting process itself: Python, torch, transformers, compressed-tensors, the tokenizer (bench/gptq.py: about
+# 340 MiB before the model loads, on the real Gemma 3 270M)
+PROCESS_BYTES = 350 * 2**20
 
 
 def gptq_problem(config: dict) -> str | None:
@@ -64,8 +67,9 @@ def export_peak_bytes(config, settings, *, on_gpu: bool, parameters: int) -> dic
 
     On the device: one decoder layer's weights, its linear layers' Hessians (in x in, fp32), the calibration
     activations (every sample's hidden states, twice while a layer's outputs replace its inputs), one sample's pass
-    through the layer, and GPTQ's fp32 copies of the largest weight and Hessian. On the host: the merged model (fp32
-    on a CPU, where it is also the device; 16-bit beside a GPU)."""
+    through the layer, and GPTQ's fp32 copies of the largest weight and Hessian. On the host: the process and the
+    merged model (fp32 on a CPU, where it is also the device, each layer back to 16 bits once rounded; 16-bit beside a
+    GPU; on a CPU the embedding's 16-bit copy beside its fp32 one when the model is cast at the end)."""
     text = config.get_text_config()
     hidden, inter = text.hidden_size, text.intermediate_size
     widths = in_features(text.to_dict())
@@ -82,8 +86,9 @@ def export_peak_bytes(config, settings, *, on_gpu: bool, parameters: int) -> dic
     rounding = 4 * 3 * max(hidden, inter) * largest_in + 4 * 2 * largest_in**2
     device = layer_parameters * compute_bytes + hessians + activations + one_pass + rounding
     if on_gpu:
-        return {"device": device, "host": parameters * 2}
-    return {"device": 0, "host": parameters * 4 + device}
+        return {"device": device, "host": PROCESS_BYTES + parameters * 2}
+    embedding_copy = 2 * getattr(text, "vocab_size", 0) * hidden  # its 16-bit copy, made beside the fp32 one at the end
+    return {"device": 0, "host": PROCESS_BYTES + parameters * 4 + device + embedding_copy}
 
 
 def describe_export_peak(config, settings, parameters: int) -> str:

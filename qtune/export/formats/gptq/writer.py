@@ -124,7 +124,7 @@ def gptq_layers(model, rows: list[list[int]], args, settings, *, device, scale_d
             for i, (hidden, (args_, kwargs)) in enumerate(zip(hidden_states, arguments[index])):
                 output = layer(hidden, *args_, **kwargs)
                 hidden_states[i] = output[0] if isinstance(output, tuple) else output
-        layer.to("cpu")
+        layer.to("cpu", scale_dtype)  # done with: back in RAM in the 16 bits it is saved in
         log.info(
             f"gptq: layer {index + 1}/{len(layers)}: {len(linears)} linear layers rounded in "
             f"{time.perf_counter() - started:.1f} s (Hessian-weighted error {error:.3g})"

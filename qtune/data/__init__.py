@@ -7,11 +7,12 @@ which kind it trains on (qtune.training.methods)."""
 
 from __future__ import annotations
 
+from qtune.data.labelled import LABELLED_DATA
 from qtune.data.pairs import PAIR_DATA
 from qtune.data.prepared import DataKind
 from qtune.data.sft import SFT_DATA
 
-DATA_KINDS: tuple[DataKind, ...] = (SFT_DATA, PAIR_DATA)
+DATA_KINDS: tuple[DataKind, ...] = (SFT_DATA, PAIR_DATA, LABELLED_DATA)
 DATA_FORMATS: tuple[str, ...] = tuple(fmt for kind in DATA_KINDS for fmt in kind.formats)
 
 

@@ -234,6 +234,9 @@ def plan_training(
     result["bytes_per_token"] = {m: (per_token[m] + loss_per_token) * sequences for m in per_token}
     result["score_bytes_per_token_squared"] = {m: scores[m] / recipe.data.max_length**2 for m in scores}
     result["sequences_in_flight"] = sequences
+    result["in_flight"] = method_of(recipe).in_flight.format(
+        sequences=sequences, tokens=recipe.data.max_length, total=tokens
+    )
     result["max_length"] = recipe.data.max_length
     result.update(model_context(config))
     if budget_bytes is not None:
@@ -317,12 +320,7 @@ def describe_plan(plan: dict, gpu: str | None) -> str:
     gib = 2**30
     lines = [
         f"{plan['model']}: predicted peak training memory {plan['total_bytes'] / gib:.2f} GiB "
-        + (
-            f"(activations of one packed row of {plan['tokens_per_micro_batch']} tokens at a time)"
-            if plan["sequences_in_flight"] == 1
-            else f"(preference pairs: {plan['sequences_in_flight']} sequences, chosen and rejected, of up to "
-            f"{plan['tokens_per_micro_batch'] // plan['sequences_in_flight']} tokens at a time)"
-        )
+        + f"({plan['in_flight']})"
     ]
     if plan.get("context_length") and plan["max_length"] > plan["context_length"]:
         lines.append(

@@ -71,6 +71,12 @@ class LossProgress(ProgressCallback):
                     f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}, reward accuracy "
                     f"{logs['eval_rewards/accuracies']:.2f}, margin {logs['eval_rewards/margins']:.4f}"
                 )
+            elif "eval_rewards/chosen" in logs:  # KTO: good and bad answers' rewards, and the KL estimate
+                line = (
+                    f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}, reward good "
+                    f"{logs['eval_rewards/chosen']:.4f}, bad {logs.get('eval_rewards/rejected', float('nan')):.4f}, "
+                    f"KL {logs.get('eval_kl', float('nan')):.4f}"
+                )
             else:
                 line = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f} (perplexity {math.exp(min(logs['eval_loss'], 50)):.2f})"
             log.info(line)
@@ -82,6 +88,8 @@ class LossProgress(ProgressCallback):
             postfix["loss"] = f"{logs['loss']:.4f}"
         if "rewards/accuracies" in logs:
             postfix["acc"] = f"{logs['rewards/accuracies']:.2f}"
+            postfix["margin"] = f"{logs['rewards/margins']:.3f}"
+        elif "rewards/margins" in logs:  # KTO
             postfix["margin"] = f"{logs['rewards/margins']:.3f}"
         if "learning_rate" in logs:
             postfix["lr"] = f"{logs['learning_rate']:.2e}"

@@ -102,6 +102,7 @@ DPO = TrainingMethod(
     },
     describe_setup=describe_setup,
     sequences_in_flight=sequences_in_flight,
+    in_flight="preference pairs: {sequences} sequences, chosen and rejected, of up to {tokens} tokens at a time",
     language_model_loss=False,
     metrics=preference.metrics,
     result_rows=preference.result_rows,

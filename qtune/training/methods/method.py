@@ -30,6 +30,7 @@ class TrainingMethod:
     trainer_options: Callable  # (recipe, tokenizer, continues_adapter) -> its constructor's other arguments
     describe_setup: Callable  # (recipe) -> the line said before training starts (its reference model), or None
     sequences_in_flight: Callable  # (recipe) -> sequences of up to max_length alive at once in a step (the plan)
+    in_flight: str  # what those are, for `qtune plan` ({sequences}, {tokens}: max_length, {total}: both multiplied)
     language_model_loss: bool  # whether its eval_loss is a language-model loss (then perplexity means something)
     metrics: Callable  # (log history, eval before training, final eval) -> what it adds to metrics.json
     result_rows: Callable  # (metrics) -> [(label, value)]: its figures on the closing line, the page and the card

@@ -37,6 +37,7 @@ ORPO = TrainingMethod(
     trainer_options=lambda recipe, tokenizer, continues_adapter: {"method": "orpo"},
     describe_setup=lambda recipe: "train: orpo, ORPO: no reference model",
     sequences_in_flight=lambda recipe: 2,  # a pair's chosen and rejected sequences at a time
+    in_flight="preference pairs: {sequences} sequences, chosen and rejected, of up to {tokens} tokens at a time",
     language_model_loss=False,
     metrics=preference.metrics,
     result_rows=preference.result_rows,

@@ -65,6 +65,7 @@ SFT = TrainingMethod(
     trainer_options=trainer_options,
     describe_setup=says_nothing,
     sequences_in_flight=lambda recipe: 1,  # one packed row of at most max_length tokens at a time
+    in_flight="activations of one packed row of {total} tokens at a time",
     language_model_loss=True,
     metrics=lambda history, before, final_eval: router_aux_loss(history),
     result_rows=result_rows,

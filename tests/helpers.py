@@ -300,6 +300,21 @@ def trained_sequence(folder: Path) -> dict[int, list[str]]:
     return final
 
 
+def assert_kill_9_then_resume_is_bit_identical(recipe_in, folder: Path, step: int) -> None:
+    """`recipe_in(folder)` writes a recipe of STEPS steps into `folder`: run it uninterrupted, then again killed at
+    `step` and resumed, and compare adapters and the batches of every step."""
+    reference = recipe_in(folder / "reference")
+    done = finish(reference)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recipe = recipe_in(folder / "killed")
+    assert kill_at_step(recipe, step) == -9
+    done = finish(recipe, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_as_reference(
+        run_dir(recipe), (adapter_tensors(run_dir(reference)), trained_sequence(run_dir(reference)))
+    )
+
+
 def assert_same_as_reference(folder: Path, reference):
     import torch
 

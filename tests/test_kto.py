@@ -172,28 +172,11 @@ def test_the_plan_counts_the_micro_batchs_answers(tmp_path, pretrained_llama, la
 
 
 def test_a_kto_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama, labelled_file):
-    from helpers import (
-        STEPS,
-        adapter_tensors,
-        assert_same_as_reference,
-        finish,
-        kill_at_step,
-        run_dir,
-        trained_sequence,
-    )
+    from helpers import STEPS, assert_kill_9_then_resume_is_bit_identical
 
     def recipe_in(folder):
         folder.mkdir(parents=True, exist_ok=True)
         train = {"max_steps": STEPS, "save_steps": 1, "keep_checkpoints": 2, "eval_steps": None}
         return write_recipe(folder / "r.yaml", kto_recipe(tiny_llama, labelled_file, folder / "run", train=train))
 
-    reference = recipe_in(tmp_path / "reference")
-    done = finish(reference)
-    assert done.returncode == 0, done.stderr[-2000:]
-    recipe = recipe_in(tmp_path / "killed")
-    assert kill_at_step(recipe, 7) == -9
-    done = finish(recipe, "--resume")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_as_reference(
-        run_dir(recipe), (adapter_tensors(run_dir(reference)), trained_sequence(run_dir(reference)))
-    )
+    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 7)

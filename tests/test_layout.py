@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qtune"
 LAYERS = {
     0: ["core", "modeling.moe"],
     1: ["data", "modeling"],
-    2: ["demo", "export.formats.gguf", "export.formats.gptq"],
+    2: ["demo", "export.formats.gguf", "export.formats.gptq", "training.rewards"],
     3: ["export.formats", "training.methods"],
     4: ["config"],
     5: ["planning"],

@@ -37,6 +37,10 @@ def test_the_recipe_is_made_of_the_methods():
             assert Recipe.model_fields[method.name].annotation is method.section
 
 
+# what a method needs in its section besides its defaults
+REQUIRED = {"grpo": {"rewards": [{"function": "exact_match"}], "num_generations": 4}}
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_builds_its_trainer_config_from_a_recipe(name):
     method = METHODS[name]
@@ -45,7 +49,8 @@ def test_each_method_builds_its_trainer_config_from_a_recipe(name):
         {
             "model": {"name": "m"},
             "data": {"datasets": [{"path": "p.jsonl", "format": fmt}]},
-            "train": {"output_dir": "o", "method": name},
+            "train": {"output_dir": "o", "method": name, "micro_batch_size": 4},
+            **({name: REQUIRED[name]} if name in REQUIRED else {}),
         }
     )
     config_class = method.trainer_config()

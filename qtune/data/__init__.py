@@ -10,9 +10,10 @@ from __future__ import annotations
 from qtune.data.labelled import LABELLED_DATA
 from qtune.data.pairs import PAIR_DATA
 from qtune.data.prepared import DataKind
+from qtune.data.prompts import PROMPT_DATA
 from qtune.data.sft import SFT_DATA
 
-DATA_KINDS: tuple[DataKind, ...] = (SFT_DATA, PAIR_DATA, LABELLED_DATA)
+DATA_KINDS: tuple[DataKind, ...] = (SFT_DATA, PAIR_DATA, LABELLED_DATA, PROMPT_DATA)
 DATA_FORMATS: tuple[str, ...] = tuple(fmt for kind in DATA_KINDS for fmt in kind.formats)
 
 

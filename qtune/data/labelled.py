@@ -26,7 +26,7 @@ from qtune.data.prepared import (
     streamed_line,
     streamed_report,
 )
-from qtune.data.readers import place_of
+from qtune.data.readers import normalized_rows
 from qtune.data.templates import prompt_style, renderer
 
 if TYPE_CHECKING:
@@ -121,16 +121,7 @@ def normalize_labelled(row: dict, source: dict[str, str]) -> dict:
 
 def normalize_rows(rows: list[dict], spec: DatasetSpec) -> list[dict]:
     """Every row normalized, or the first bad one named by its row (and line): `qtune validate`'s check."""
-    if not rows:
-        raise DataError(f"dataset is empty: {spec.path}", fix="add rows or remove it from data.datasets")
-    source = column_sources(spec)
-    out = []
-    for index, row in enumerate(rows):
-        try:
-            out.append(normalize_labelled(row, source))
-        except DataError as e:
-            raise DataError(e.what, where=f"{spec.path}, {place_of(rows, index)}", fix=e.fix) from None
-    return out
+    return normalized_rows(rows, spec, normalize_labelled, column_sources(spec))
 
 
 def tokenize_labelled(row: dict, tokenizer, render: Callable | None) -> tuple[list[int], list[int]]:

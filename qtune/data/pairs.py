@@ -26,7 +26,7 @@ from qtune.data.prepared import (
     streamed_line,
     streamed_report,
 )
-from qtune.data.readers import place_of
+from qtune.data.readers import normalized_rows
 from qtune.data.sft import SHAREGPT_ROLES, check_messages
 from qtune.data.templates import prompt_style, renderer
 
@@ -178,16 +178,7 @@ def normalize_pair(row: dict, source: dict[str, str]) -> dict:
 def normalize_pairs(rows: list[dict], spec: DatasetSpec) -> list[dict]:
     """Every row normalized (normalize_pair), or the first bad one named by its row (and line): `qtune validate`'s
     check, with no tokenizer."""
-    if not rows:
-        raise DataError(f"dataset is empty: {spec.path}", fix="add rows or remove it from data.datasets")
-    source = column_sources(spec)
-    pairs = []
-    for index, row in enumerate(rows):
-        try:
-            pairs.append(normalize_pair(row, source))
-        except DataError as e:
-            raise DataError(e.what, where=f"{spec.path}, {place_of(rows, index)}", fix=e.fix) from None
-    return pairs
+    return normalized_rows(rows, spec, normalize_pair, column_sources(spec))
 
 
 # --------------------------------------------------------------------------- pairs -> tokens

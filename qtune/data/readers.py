@@ -9,6 +9,7 @@ anything is tokenized."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -263,3 +264,17 @@ def read_hub_dataset(spec: DatasetSpec):
     except ValueError as e:  # unknown split / config
         raise DataError(f"Hub dataset '{spec.path}': {str(e).splitlines()[0]}", fix="check data split / name") from None
     return dataset
+
+
+def normalized_rows(rows: list[dict], spec, normalize: Callable, source: dict) -> list[dict]:
+    """Every row through `normalize(row, source)`, or the first bad one named by its row (and line): `qtune
+    validate`'s check of a format, with no tokenizer."""
+    if not rows:
+        raise DataError(f"dataset is empty: {spec.path}", fix="add rows or remove it from data.datasets")
+    out = []
+    for index, row in enumerate(rows):
+        try:
+            out.append(normalize(row, source))
+        except DataError as e:
+            raise DataError(e.what, where=f"{spec.path}, {place_of(rows, index)}", fix=e.fix) from None
+    return out

@@ -82,7 +82,8 @@ def build_trainer_config(
         use_cpu=use_cpu,
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=max_length,
+        # GRPO's config has none: its prompts and completions are bounded by the method's own settings
+        **({"max_length": max_length} if "max_length" in known else {}),
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state, so it survives a resume
         dataloader_pin_memory=not use_cpu,
         # every LoRA weight of a dense model gets a gradient (the search costs a pass per step); an unrouted expert's not

@@ -71,6 +71,11 @@ class LossProgress(ProgressCallback):
                     f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}, reward accuracy "
                     f"{logs['eval_rewards/accuracies']:.2f}, margin {logs['eval_rewards/margins']:.4f}"
                 )
+            elif "eval_reward" in logs:  # GRPO: the validation prompts' completions, scored by the rewards
+                line = (
+                    f"step {state.global_step}: eval reward {logs['eval_reward']:.4f} (std "
+                    f"{logs.get('eval_reward_std', float('nan')):.4f}), loss {logs['eval_loss']:.4f}"
+                )
             elif "eval_rewards/chosen" in logs:  # KTO: good and bad answers' rewards, and the KL estimate
                 line = (
                     f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}, reward good "
@@ -89,6 +94,9 @@ class LossProgress(ProgressCallback):
         if "rewards/accuracies" in logs:
             postfix["acc"] = f"{logs['rewards/accuracies']:.2f}"
             postfix["margin"] = f"{logs['rewards/margins']:.3f}"
+        elif "reward" in logs:  # GRPO
+            postfix["reward"] = f"{logs['reward']:.3f}"
+            postfix["all-equal"] = f"{logs.get('frac_reward_zero_std', float('nan')):.2f}"
         elif "rewards/margins" in logs:  # KTO
             postfix["margin"] = f"{logs['rewards/margins']:.3f}"
         if "learning_rate" in logs:

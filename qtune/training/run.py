@@ -189,6 +189,7 @@ def prepare(recipe: Recipe, run_dir: Path, *, resume: bool, force: bool = False)
     data = method.data.build(recipe.data, tokenizer, seed=recipe.train.seed)
     data_seconds = time.perf_counter() - data_started
     log.info(method.data.describe(data.report))
+    method.check_data(recipe, data)  # e.g. GRPO's rewards called on real rows: before the model loads
 
     config = build_trainer_config(
         recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),

@@ -1,4 +1,4 @@
-"""Training methods: THE registry of them. One module per method (sft.py, dpo.py, orpo.py, kto.py) holds its recipe section,
+"""Training methods: THE registry of them. One module per method (sft.py, dpo.py, orpo.py, kto.py, grpo.py) holds its recipe section,
 the kind of data it trains on, its trl config and trainer, what it adds to metrics.json, and what the closing line,
 the run's page and the model card say of it (qtune.training.methods.method.TrainingMethod says what each field is).
 
@@ -8,12 +8,13 @@ sections); their trainers (sft_trainer.py, preference_trainer.py, on base_traine
 from __future__ import annotations
 
 from qtune.training.methods.dpo import DPO
+from qtune.training.methods.grpo import GRPO
 from qtune.training.methods.kto import KTO
 from qtune.training.methods.method import TrainingMethod
 from qtune.training.methods.orpo import ORPO
 from qtune.training.methods.sft import SFT
 
-METHODS: dict[str, TrainingMethod] = {method.name: method for method in (SFT, DPO, ORPO, KTO)}
+METHODS: dict[str, TrainingMethod] = {method.name: method for method in (SFT, DPO, ORPO, KTO, GRPO)}
 
 
 def method_of(recipe) -> TrainingMethod:

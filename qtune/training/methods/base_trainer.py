@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,19 @@ from qtune.core.fs import disk_full, is_disk_full
 from qtune.modeling.offload import ActivationsToCPU
 
 RESUME_AFTER_DISK_FULL = "free disk space (earlier checkpoints are intact) and resume with --resume"
+
+
+@contextlib.contextmanager
+def exact_trainable_values(model, trainer_model: Callable):
+    """Puts back the trainable weights' exact values after the block (a trl trainer's constructor). trl casts the
+    trainable weights of a 4-bit model to bf16 (the QLoRA paper's choice): a continued adapter would lose its low bits,
+    and then differ from its own frozen copy, the reference, before the first step. `trainer_model()` is the model
+    after the block; model.keep_trainable_in_fp32 keeps the values fp32 from then on."""
+    exact = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    yield
+    for name, param in trainer_model().named_parameters():
+        if name in exact:
+            param.data = exact[name]
 
 
 class QtuneTrainerMixin:

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from qtune.core.schema import Section
 from qtune.data.pairs import PAIR_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod
+from qtune.training.methods.method import TrainingMethod, says_nothing
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "apo_zero", "apo_down", "sft")
 
@@ -92,6 +92,7 @@ DPO = TrainingMethod(
     section=DpoSection,
     data=PAIR_DATA,
     check_recipe=preference.never_trains_on_prompts,
+    check_data=says_nothing,
     lora_dropout=False,
     trainer_config=preference.trainer_config,
     trainer_settings=trainer_settings,

@@ -11,7 +11,7 @@ from qtune.core.schema import Section
 from qtune.core.text import fmt
 from qtune.data.labelled import LABELLED_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod
+from qtune.training.methods.method import TrainingMethod, says_nothing
 
 # trl's logged names -> metrics.json's
 KTO_METRICS = {
@@ -128,6 +128,7 @@ KTO = TrainingMethod(
     section=KtoSection,
     data=LABELLED_DATA,
     check_recipe=check_recipe,
+    check_data=says_nothing,
     lora_dropout=False,
     trainer_config=trainer_config,
     trainer_settings=trainer_settings,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from trl import KTOTrainer
 
 from qtune.core.log import get_logger
-from qtune.training.methods.base_trainer import QtuneTrainerMixin
+from qtune.training.methods.base_trainer import QtuneTrainerMixin, exact_trainable_values
 from qtune.training.methods.preference_trainer import REFERENCE_ADAPTER
 
 log = get_logger(__name__)
@@ -35,14 +35,9 @@ class QtuneKTOTrainer(QtuneTrainerMixin, KTOTrainer):
     """trl's KTOTrainer on labelled answers qtune tokenized."""
 
     def __init__(self, *args, reference_is_adapter: bool = False, weights: tuple[float, float] = (1.0, 1.0), **kwargs):
-        model = kwargs["model"]
         self.weights = weights
-        # as for DPO: the trainable weights keep their exact fp32 values through trl's constructor
-        exact = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        super().__init__(*args, **kwargs)
-        for name, param in self.model.named_parameters():
-            if name in exact:
-                param.data = exact[name]
+        with exact_trainable_values(kwargs["model"], lambda: self.model):
+            super().__init__(*args, **kwargs)
         if REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}) and not reference_is_adapter:
             # trl copies the adapter it is given into a reference adapter; for a new adapter that is the base with
             # extra matmuls: with it gone, trl switches the adapter off instead

@@ -23,6 +23,7 @@ class TrainingMethod:
     section: type[Section] | None  # its own recipe section, under its name (dpo:), or None when it has no settings
     data: DataKind  # the kind of data it trains on: its dataset formats, their builder and report
     check_recipe: Callable  # (recipe) -> what else the recipe must change for this method, or None
+    check_data: Callable  # (recipe, prepared data) -> None, or a DataError: what needs the data, before the model loads
     lora_dropout: bool  # whether LoRA dropout stays on (a method that compares the model with itself needs it off)
     trainer_config: Callable  # () -> trl's config class for its trainer (SFTConfig, DPOConfig, ...)
     trainer_settings: Callable  # (recipe) -> that config's own fields, from the method's section

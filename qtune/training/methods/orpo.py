@@ -9,7 +9,7 @@ from pydantic import Field
 from qtune.core.schema import Section
 from qtune.data.pairs import PAIR_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod
+from qtune.training.methods.method import TrainingMethod, says_nothing
 
 
 class OrpoSection(Section):
@@ -30,6 +30,7 @@ ORPO = TrainingMethod(
     section=OrpoSection,
     data=PAIR_DATA,
     check_recipe=preference.never_trains_on_prompts,
+    check_data=says_nothing,
     lora_dropout=False,
     trainer_config=preference.trainer_config,
     trainer_settings=lambda recipe: {**preference.common_settings(), "beta": recipe.orpo.beta},

@@ -19,7 +19,7 @@ import torch
 from trl import DPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
-from qtune.training.methods.base_trainer import QtuneTrainerMixin
+from qtune.training.methods.base_trainer import QtuneTrainerMixin, exact_trainable_values
 
 REFERENCE_ADAPTER = "ref"  # the name trl's DPOTrainer gives the frozen copy of a loaded adapter
 
@@ -28,15 +28,8 @@ class QtunePreferenceTrainer(QtuneTrainerMixin, DPOTrainer):
     """trl's DPOTrainer with DPO's loss or ORPO's, trained one pair at a time, on pairs qtune tokenized."""
 
     def __init__(self, *args, method: str = "dpo", reference_is_adapter: bool = False, **kwargs):
-        model = kwargs["model"]
-        # trl casts the trainable weights of a 4-bit model to bf16 (the QLoRA paper's choice). A continued adapter
-        # would lose its low bits, and then differ from its own frozen copy, the reference, before the first step.
-        # The exact values are put back after the constructor; model.keep_trainable_in_fp32 keeps them fp32.
-        exact = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        super().__init__(*args, **kwargs)
-        for name, param in self.model.named_parameters():
-            if name in exact:
-                param.data = exact[name]
+        with exact_trainable_values(kwargs["model"], lambda: self.model):
+            super().__init__(*args, **kwargs)
         self.method = method
         # Pair by pair is exact when the loss is a mean of per-pair terms. trl's "sft" term is a mean over the
         # batch's answer tokens, which pairs alone cannot reproduce: with it, trl's batched step runs as it is.

@@ -55,6 +55,7 @@ SFT = TrainingMethod(
     section=None,
     data=SFT_DATA,
     check_recipe=says_nothing,
+    check_data=says_nothing,
     lora_dropout=True,
     trainer_config=trainer_config,
     # trl's packing lets packed samples attend to each other without FlashAttention: qtune packs itself, exactly.

@@ -1,0 +1,175 @@
+"""GRPO with verifiable rewards on the same 4-bit base: the rewards, the checks before the model loads, a reward that
+rises, and the guarantees the other methods have."""
+
+import json
+import math
+
+import pytest
+from helpers import recipe_dict, write_jsonl, write_recipe
+
+from qtune.config.recipe import validate_recipe
+from qtune.core.errors import RecipeError
+from qtune.training.rewards import build_reward
+
+
+def spec(**fields):
+    from qtune.training.methods.grpo import RewardSpec
+
+    return RewardSpec(**fields)
+
+
+# --------------------------------------------------------------------------- the rewards
+
+
+def test_exact_match_and_numeric_read_gsm8k_answers():
+    gsm8k = "Natalia sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72 clips.\n#### 1,072"
+    exact = build_reward(spec(function="exact_match", pattern=r"answer is\s*([^\n]+)"), r"####\s*(.+)")
+    completions = ["So the answer is 1072.", "so the answer is 1,072", "The answer is 1073", "no answer here"]
+    assert exact(completions=completions, answer=[gsm8k] * 4) == [1.0, 1.0, 0.0, 0.0]
+    numeric = build_reward(spec(function="numeric", pattern=r"answer is\s*([^\n]+)", tolerance=0.5), r"####\s*(.+)")
+    assert numeric(completions=["the answer is 1072.4", "the answer is 1,073", "x"], answer=[gsm8k] * 3) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
+    whole = build_reward(spec(function="exact_match"), None)  # no patterns: the whole completion and answer
+    assert whole(completions=["  Paris. ", "paris", "Rome"], answer=["paris"] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_regex_length_contains_and_a_users_own_reward(tmp_path, monkeypatch):
+    think = build_reward(spec(function="regex", pattern=r"^<think>.+</think>\s*\S"), None)
+    assert think(completions=["<think>a\nb</think> 42", "42", "<think></think>"]) == [1.0, 0.0, 0.0]
+    short = build_reward(spec(function="length", target=4), None)
+    assert short(completions=["a", "b"], completion_ids=[[1, 2], [1] * 8]) == [0.0, -1.0]
+    has = build_reward(spec(function="contains", text="####"), None)
+    assert has(completions=["x #### 3", "x"]) == [1.0, 0.0]
+    (tmp_path / "myrewards.py").write_text(
+        "def score(completions, **kw):\n    return [float(len(c)) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = build_reward(spec(function="python: myrewards:score"), None)
+    assert own(completions=["ab", "c"], answer=["", ""]) == [2.0, 1.0]
+    # the conversation form trl passes for chat prompts
+    assert has(completions=[[{"role": "assistant", "content": "#### 1"}]]) == [1.0]
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def grpo_recipe(model_dir, data_file, output_dir, grpo=None, **sections):
+    raw = recipe_dict(model_dir, data_file, output_dir, fmt="prompt_answer", **sections)
+    raw["train"].update(method="grpo", micro_batch_size=8, grad_accum=1, **sections.get("train", {}))
+    raw["data"].update({"max_length": 128, "val_size": 0.1, **sections.get("data", {})})
+    raw["grpo"] = {"rewards": [{"function": "length", "target": 4}], "num_generations": 4, "max_completion_length": 16}
+    raw["grpo"].update(grpo or {})
+    return raw
+
+
+@pytest.mark.parametrize(
+    "grpo,train,message",
+    [
+        ({"num_generations": 3}, {}, "grpo.num_generations 3 does not divide the 8 completions of a step"),
+        ({"max_completion_length": 128}, {}, "grpo.max_completion_length 128 leaves no room for the prompt"),
+        ({"rewards": [{"function": "exact_mach"}]}, {}, "unknown reward 'exact_mach': did you mean 'exact_match'?"),
+        ({"rewards": [{"function": "regex"}]}, {}, "reward regex needs pattern"),
+        ({"rewards": [{"function": "regex", "pattern": "(["}]}, {}, "is not a regular expression"),
+        ({"rewards": [{"function": "python: nomodule"}]}, {}, "write python: package.module:function"),
+        ({"rewards": []}, {}, "train.method grpo needs grpo.rewards"),
+        ({"loss_type": "ppo"}, {}, "grpo.loss_type"),
+        ({"importance_sampling_level": "word"}, {}, "grpo.importance_sampling_level"),
+        ({"num_generations": 1}, {}, "grpo.num_generations"),
+    ],
+)
+def test_bad_grpo_settings_are_one_line_before_anything_loads(tmp_path, grpo, train, message):
+    raw = grpo_recipe("m", "p.jsonl", tmp_path / "run", grpo=grpo, train=train)
+    with pytest.raises(RecipeError, match=None) as refused:
+        validate_recipe(raw)
+    assert message in str(refused.value), str(refused.value)
+
+
+def prompt_rows(count: int, numbered: bool = False) -> list[dict]:
+    from qtune.data.templates import alpaca_prompt
+
+    return [
+        {"prompt": alpaca_prompt("Name a word.", str(i) if numbered else ""), "answer": f"#### {i}"}
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "p"}, "'answer' is missing"),
+        ({"prompt": "", "answer": "1"}, "'prompt' is empty or not text"),
+        ({"prompt": [{"role": "assistant", "content": "x"}], "answer": "1"}, "must end with a user turn"),
+    ],
+)
+def test_a_bad_row_is_one_line_with_its_row_and_line(tmp_path, tiny_llama, run_cli, row, message):
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(3) + [row])
+    code, out, err = run_cli(
+        "train", write_recipe(tmp_path / "r.yaml", grpo_recipe(tiny_llama, data, tmp_path / "run"))
+    )
+    assert code == 3 and message in err and "row 4 (line 4)" in err, err
+    assert len(err.strip().splitlines()) == 1 and "model: loading" not in out
+
+
+def test_a_reward_that_fails_on_real_rows_is_one_line_before_the_model_loads(
+    tmp_path, tiny_llama, run_cli, monkeypatch
+):
+    (tmp_path / "badrewards.py").write_text(
+        "def crash(completions, **kw):\n    raise KeyError('score')\n"
+        "def short(completions, **kw):\n    return [1.0]\n"
+        "def nan(completions, **kw):\n    return [float('nan')] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(20))
+    for name, says in (
+        ("crash", "raised KeyError on the first 4 training rows"),
+        ("short", "returned 1 for 4 completions"),
+        ("nan", "returned nan for training row 1"),
+    ):
+        raw = grpo_recipe(
+            tiny_llama, data, tmp_path / "run", grpo={"rewards": [{"function": f"python: badrewards:{name}"}]}
+        )
+        code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+        assert code == 3 and f"grpo.rewards: python: badrewards:{name}" in err and says in err, err
+        assert len(err.strip().splitlines()) == 1 and "model: loading" not in out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_grpo_raises_the_reward_it_is_given(tmp_path, pretrained_llama, run_cli):
+    """A length reward (short answers score 0, long ones less): the mean reward rises and completions shorten."""
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(100))
+    raw = grpo_recipe(
+        pretrained_llama,
+        data,
+        tmp_path / "run",
+        train={"max_steps": 30, "eval_steps": 30, "save_steps": 100, "logging_steps": 1, "lr": 5e-3},
+    )
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    curve = [reward for _, reward in metrics["reward_curve"]]
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    print("mean reward, first 5 steps", first, "last 5", last, "length", metrics["train_completion_length"])
+    assert metrics["method"] == "grpo" and len(curve) == 30 and last > first + 0.5
+    assert metrics["train_completion_length"] < metrics["train_completion_length_first"]
+    assert metrics["train_reward_length"] == metrics["train_reward"]  # one reward: its own mean is the total
+    assert 0 <= metrics["train_groups_all_equal"] <= 1 and math.isfinite(metrics["eval_reward"])
+    assert "train: grpo, 4 completions per prompt of up to 16 tokens, rewards: length x 1" in out + err
+    assert "step 30: eval reward" in out + err and "mean reward, first -> last logged step" in out + err
+
+
+def test_a_grpo_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama):
+    from helpers import STEPS, assert_kill_9_then_resume_is_bit_identical
+
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(100, numbered=True))  # each step's prompts told apart
+
+    def recipe_in(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        train = {"max_steps": STEPS, "save_steps": 1, "keep_checkpoints": 2, "eval_steps": None}
+        return write_recipe(folder / "r.yaml", grpo_recipe(tiny_llama, data, folder / "run", train=train))
+
+    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 5)

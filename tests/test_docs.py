@@ -103,7 +103,7 @@ def test_the_demo_recipes_name_the_readmes_make_tiny_model_command():
     readme = (REPO / "README.md").read_text()
     command = re.search(r"qtune make-tiny-model [^&]*", readme).group(0).strip()
     assert "--demo-task" in command
-    for recipe in ("demo.yaml", "demo-dpo.yaml"):
+    for recipe in ("demo.yaml", "demo-dpo.yaml", "demo-grpo.yaml"):
         assert f"#   {command}\n" in (REPO / "recipes" / recipe).read_text(), recipe
 
 

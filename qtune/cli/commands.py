@@ -255,6 +255,9 @@ def cmd_make_tiny_model(args) -> int:
     if args.preference_data:  # other prompts than the SFT data's: another seed
         written = write_demo_data(args.preference_data, count=1000, seed=args.seed + 1, preference=True)
         print(f"preference pairs written to {written}")
+    if args.grpo_data:  # prompts of a fourth seed (the task's is the third)
+        written = write_demo_data(args.grpo_data, count=1000, seed=args.seed + 3, prompt_answer=True)
+        print(f"prompts with answers written to {written}")
     return 0
 
 

@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--demo-data", metavar="FILE", help="also write the demo's alpaca-format dataset here")
     tiny.add_argument("--preference-data", metavar="FILE", help="also write DPO / ORPO pairs on the demo's tasks")
+    tiny.add_argument("--grpo-data", metavar="FILE", help="also write GRPO's prompts with answers on the demo's tasks")
     tiny.add_argument(
         "--demo-task",
         metavar="FOLDER",

@@ -79,6 +79,17 @@ def preference_rows(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def prompt_answer_rows(count: int, seed: int = 0) -> list[dict]:
+    """The demo's tasks as prompts with reference answers (GRPO's data): the alpaca prompt the demo's SFT stage
+    trained on, and the exact answer a reward checks."""
+    from qtune.data.templates import alpaca_prompt
+
+    return [
+        {"prompt": alpaca_prompt(row["instruction"], row["input"]), "answer": row["output"]}
+        for row in demo_rows(count, seed)
+    ]
+
+
 def corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     """The text the tiny tokenizers are trained on: random words and the demo tasks in the alpaca layout."""
     rng = random.Random(seed)
@@ -359,11 +370,14 @@ def write_tiny_model(
     return out
 
 
-def write_demo_data(path: str | Path, count: int = 2000, seed: int = 0, *, preference: bool = False) -> Path:
-    """The demo's alpaca rows (or preference pairs) as JSON lines at `path`."""
+def write_demo_data(
+    path: str | Path, count: int = 2000, seed: int = 0, *, preference: bool = False, prompt_answer: bool = False
+) -> Path:
+    """The demo's alpaca rows (or preference pairs, or prompts with answers) as JSON lines at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = preference_rows if preference else prompt_answer_rows if prompt_answer else demo_rows
     with path.open("w", encoding="utf-8") as f:
-        for row in (preference_rows if preference else demo_rows)(count, seed):
+        for row in rows(count, seed):
             f.write(json.dumps(row) + "\n")
     return path

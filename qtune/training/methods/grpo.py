@@ -30,6 +30,9 @@ class RewardSpec(Section):
     pattern: str | None = None
     """exact_match / numeric: the regex that takes the answer out of a completion (its first group); regex: the format
     the completion must match."""
+    normalize: bool = True
+    """exact_match: compare after normalisation (case, spaces, a trailing period, thousands separators); false:
+    compare the stripped texts as they are."""
     tolerance: float = Field(1e-6, ge=0)
     """numeric: the largest difference that still counts as right."""
     target: int | None = Field(None, gt=0)

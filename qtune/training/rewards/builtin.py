@@ -56,11 +56,13 @@ def completion_text(completion) -> str:
 def exact_match(spec, reference: Callable) -> Callable:
     """1.0 where the extracted answer equals the reference, else 0.0."""
 
+    same = normalize if spec.normalize else str.strip
+
     def reward(completions, answer, **_):
         out = []
         for completion, ref in zip(completions, answer):
             found = extract(completion_text(completion), spec.pattern)
-            out.append(1.0 if found is not None and normalize(found) == normalize(reference(ref)) else 0.0)
+            out.append(1.0 if found is not None and same(found) == same(reference(ref)) else 0.0)
         return out
 
     return reward

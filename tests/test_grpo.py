@@ -58,7 +58,7 @@ def test_regex_length_contains_and_a_users_own_reward(tmp_path, monkeypatch):
 
 def grpo_recipe(model_dir, data_file, output_dir, grpo=None, **sections):
     raw = recipe_dict(model_dir, data_file, output_dir, fmt="prompt_answer", **sections)
-    raw["train"].update(method="grpo", micro_batch_size=8, grad_accum=1, **sections.get("train", {}))
+    raw["train"].update({"method": "grpo", "micro_batch_size": 8, "grad_accum": 1, **sections.get("train", {})})
     raw["data"].update({"max_length": 128, "val_size": 0.1, **sections.get("data", {})})
     raw["grpo"] = {"rewards": [{"function": "length", "target": 4}], "num_generations": 4, "max_completion_length": 16}
     raw["grpo"].update(grpo or {})
@@ -173,3 +173,23 @@ def test_a_grpo_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama):
         return write_recipe(folder / "r.yaml", grpo_recipe(tiny_llama, data, folder / "run", train=train))
 
     assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 5)
+
+
+def test_the_plan_counts_generation_and_the_completions_logits(tmp_path, pretrained_llama):
+    from qtune.modeling.config import load_config
+    from qtune.planning.plan import plan_training, training_shape
+
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(10))
+    shape = training_shape(load_config(pretrained_llama))
+    # a long generation batch: the KV cache of its 64 sequences is the larger part
+    raw = grpo_recipe(pretrained_llama, data, tmp_path / "run", train={"grad_accum": 8})
+    plan = plan_training(validate_recipe(raw), device="cpu", compute_bytes=4)
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 4 * 64 * 128
+    assert plan["parts"]["generation_kv_cache"] == kv and "completion_logits" not in plan["parts"]
+    assert plan["sequences_in_flight"] == 8 and "completions: the micro-batch's 8 prompts" in plan["in_flight"]
+    # long completions over the vocabulary, one micro-batch: the log-probs are the larger part
+    raw = grpo_recipe(pretrained_llama, data, tmp_path / "run", grpo={"max_completion_length": 100})
+    plan = plan_training(validate_recipe(raw), device="cpu", compute_bytes=4)
+    assert plan["parts"]["completion_logits"] == 2 * 8 * 100 * shape.vocab * 4
+    without = plan_training(validate_recipe(grpo_recipe(pretrained_llama, data, tmp_path / "r2")), device="cpu")
+    assert plan["training_bytes"] > without["training_bytes"]

@@ -175,8 +175,16 @@ def plan_training(
     # host memory: on a GPU it is not part of the device's peak
     tokenizer_bytes = TOKENIZER_BYTES_PER_VOCAB_ENTRY * shape.vocab if device == "cpu" else 0
     runtime_bytes = CPU_TRAINING_RUNTIME_BYTES if device == "cpu" else 0
+    method_parts = method_of(recipe).extra_memory(recipe, shape, compute_bytes)  # GRPO's generation
     fixed = (
-        quantized_bytes + unquantized_bytes + lora_bytes + logits + framework_bytes + tokenizer_bytes + runtime_bytes
+        quantized_bytes
+        + unquantized_bytes
+        + lora_bytes
+        + logits
+        + framework_bytes
+        + tokenizer_bytes
+        + runtime_bytes
+        + sum(method_parts.values())
     )
     checkpointing, offload = recipe.train.gradient_checkpointing, recipe.train.offload_activations
     if device == "cpu":
@@ -200,6 +208,7 @@ def plan_training(
         "framework_overhead": framework_bytes,
         "tokenizer": tokenizer_bytes,
         "training_runtime": runtime_bytes,
+        **method_parts,
     }
     total = sum(parts.values())
     loading = None

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from qtune.core.schema import Section
 from qtune.data.pairs import PAIR_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod, says_nothing
+from qtune.training.methods.method import TrainingMethod, adds_no_memory, says_nothing
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "apo_zero", "apo_down", "sft")
 
@@ -104,6 +104,7 @@ DPO = TrainingMethod(
     describe_setup=describe_setup,
     sequences_in_flight=sequences_in_flight,
     in_flight="preference pairs: {sequences} sequences, chosen and rejected, of up to {tokens} tokens at a time",
+    extra_memory=adds_no_memory,
     language_model_loss=False,
     metrics=preference.metrics,
     result_rows=preference.result_rows,

@@ -150,6 +150,20 @@ def check_rewards_on_rows(recipe, data) -> None:
                 )
 
 
+def generation_memory(recipe, shape, compute_bytes: int) -> dict[str, int]:
+    """What GRPO holds besides the training step, whichever is larger (they are not alive together): the KV cache
+    while the step's completions are generated (every completion of the step at once: micro_batch_size x grad_accum
+    sequences of up to max_length tokens, keys and values of every layer), or the completions' fp32 log-probs over
+    the vocabulary when the micro-batch is scored (the logits and their log-softmax)."""
+    section = recipe.grpo
+    sequences = recipe.train.micro_batch_size * recipe.train.grad_accum
+    kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * compute_bytes * sequences * recipe.data.max_length
+    logits = 2 * recipe.train.micro_batch_size * section.max_completion_length * shape.vocab * 4
+    if kv_cache >= logits:
+        return {"generation_kv_cache": kv_cache}
+    return {"completion_logits": logits}
+
+
 def trainer_config():
     """trl's GRPOConfig."""
     from trl import GRPOConfig
@@ -275,6 +289,7 @@ GRPO = TrainingMethod(
     describe_setup=describe_setup,
     # a micro-batch's completions with their prompts, each up to max_length
     sequences_in_flight=lambda recipe: recipe.train.micro_batch_size,
+    extra_memory=generation_memory,
     in_flight="completions: the micro-batch's {sequences} prompts with completions of up to {tokens} tokens at a time",
     language_model_loss=False,
     metrics=metrics,

@@ -31,6 +31,7 @@ class TrainingMethod:
     trainer_options: Callable  # (recipe, tokenizer, continues_adapter) -> its constructor's other arguments
     describe_setup: Callable  # (recipe) -> the line said before training starts (its reference model), or None
     sequences_in_flight: Callable  # (recipe) -> sequences of up to max_length alive at once in a step (the plan)
+    extra_memory: Callable  # (recipe, TrainingShape, compute bytes) -> {plan part: bytes} the method adds (GRPO's)
     in_flight: str  # what those are, for `qtune plan` ({sequences}, {tokens}: max_length, {total}: both multiplied)
     language_model_loss: bool  # whether its eval_loss is a language-model loss (then perplexity means something)
     metrics: Callable  # (log history, eval before training, final eval) -> what it adds to metrics.json
@@ -41,3 +42,8 @@ class TrainingMethod:
 def says_nothing(*_args) -> None:
     """For a method with nothing to check or say at that point."""
     return None
+
+
+def adds_no_memory(*_args) -> dict:
+    """For a method whose memory is the plan's training step alone."""
+    return {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from qtune.core.text import fmt
 from qtune.data.sft import SFT_DATA
-from qtune.training.methods.method import TrainingMethod, says_nothing
+from qtune.training.methods.method import TrainingMethod, adds_no_memory, says_nothing
 
 
 def trainer_config():
@@ -67,6 +67,7 @@ SFT = TrainingMethod(
     describe_setup=says_nothing,
     sequences_in_flight=lambda recipe: 1,  # one packed row of at most max_length tokens at a time
     in_flight="activations of one packed row of {total} tokens at a time",
+    extra_memory=adds_no_memory,
     language_model_loss=True,
     metrics=lambda history, before, final_eval: router_aux_loss(history),
     result_rows=result_rows,

@@ -193,3 +193,15 @@ def test_the_plan_counts_generation_and_the_completions_logits(tmp_path, pretrai
     assert plan["parts"]["completion_logits"] == 2 * 8 * 100 * shape.vocab * 4
     without = plan_training(validate_recipe(grpo_recipe(pretrained_llama, data, tmp_path / "r2")), device="cpu")
     assert plan["training_bytes"] > without["training_bytes"]
+
+
+def test_groups_that_keep_teaching_nothing_are_warned_about_once(tmp_path, tiny_llama, run_cli):
+    """A reward that never fires: every group's rewards are equal, the run learns nothing, and says so."""
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(40))
+    never = {"rewards": [{"function": "contains", "text": "no tiny model writes this"}]}
+    train = {"max_steps": 6, "eval_steps": None, "logging_steps": 1}
+    raw = grpo_recipe(tiny_llama, data, tmp_path / "run", grpo=never, train=train)
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    said = [line for line in (out + err).splitlines() if "got all-equal rewards" in line]
+    assert len(said) == 1 and "100% of the groups" in said[0] and "5 logged steps in a row (step 5)" in said[0], said

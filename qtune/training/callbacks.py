@@ -49,6 +49,34 @@ class StepClock(TrainerCallback):
         self.started = None
 
 
+# GRPO: groups whose completions all got the same reward teach nothing; this share, this many logged steps in a row,
+# is the silent failure worth a warning (a reward that never fires, a temperature too low, groups too small)
+ALL_EQUAL_WARNING_SHARE = 0.9
+ALL_EQUAL_WARNING_LOGS = 5
+
+
+class AllEqualGroupsWarning(TrainerCallback):
+    """Warns once when most of GRPO's groups keep getting all-equal rewards (trl's frac_reward_zero_std)."""
+
+    def __init__(self):
+        self.in_a_row = 0
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Counts the logged steps in a row whose share of all-equal groups is at least the warning share."""
+        share = (logs or {}).get("frac_reward_zero_std")
+        if share is None or self.warned or not state.is_world_process_zero:
+            return
+        self.in_a_row = self.in_a_row + 1 if share >= ALL_EQUAL_WARNING_SHARE else 0
+        if self.in_a_row >= ALL_EQUAL_WARNING_LOGS:
+            self.warned = True
+            log.warning(
+                f"grpo: {100 * share:.0f}% of the groups got all-equal rewards for {self.in_a_row} logged steps in a "
+                f"row (step {state.global_step}): they teach nothing. Check that the rewards can fire on this model's "
+                "answers (qtune generate), raise grpo.temperature or grpo.num_generations"
+            )
+
+
 class LossProgress(ProgressCallback):
     """The stock tqdm bar (steps, ETA) with loss, lr and tokens/s on it instead of printed dicts."""
 

@@ -10,7 +10,7 @@ from transformers.trainer_callback import ProgressCallback
 from qtune.core import distributed, testhooks
 from qtune.modeling.lean_ops import lora_inputs_stay_in_compute_dtype
 from qtune.modeling.load import keep_trainable_in_fp32
-from qtune.training.callbacks import CheckpointPusher, LossProgress, NonFiniteGuard
+from qtune.training.callbacks import AllEqualGroupsWarning, CheckpointPusher, LossProgress, NonFiniteGuard
 from qtune.training.methods import method_of
 
 
@@ -36,6 +36,7 @@ def build_trainer(
     testhooks.traced(trainer, run_dir)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress())
+    trainer.add_callback(AllEqualGroupsWarning())  # silent unless GRPO's groups keep teaching nothing
     trainer.add_callback(NonFiniteGuard(trainer, recipe.train.max_nonfinite_steps))
     if recipe.hub.push_checkpoints:
         trainer.add_callback(CheckpointPusher(recipe.hub.repo_id, recipe.hub.private, run_dir))

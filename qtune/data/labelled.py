@@ -21,6 +21,7 @@ from qtune.data.prepared import (
     cache_note,
     column,
     length_histogram,
+    lm_rows,
     source_counts,
     splits,
     streamed_line,
@@ -221,7 +222,7 @@ def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
     for _, table, _ in split.sources + split.val_sources:
         styles.update(STYLES[code] for code in np.unique(column(table, "style")))
     lengths = split.train_columns["length"]
-    desirable = int(sum(split.train["label"]))
+    desirable = int(column(split.train, "label").sum())  # read from the Arrow column, not as Python objects
     report = {
         "sources": sources + [dict(s, role="validation") for s in val_sources],
         "train_samples": len(split.train),
@@ -247,13 +248,7 @@ def as_lm_samples(dataset):
     """The good answers with their prompts as language-model rows (input_ids, labels on the answer): what export
     fidelity, `qtune eval` and the run page's generations read."""
     good = dataset.filter(lambda batch: batch["label"], batched=True) if len(dataset) else dataset
-    good = good if len(good) else dataset  # no good answer in a split: its answers, as they are
-
-    def join(batch):
-        rows = list(zip(batch["prompt_ids"], batch["completion_ids"]))
-        return {"input_ids": [p + c for p, c in rows], "labels": [[-100] * len(p) + c for p, c in rows]}
-
-    return good.map(join, batched=True, remove_columns=good.column_names, new_fingerprint="lm-" + good._fingerprint)
+    return lm_rows(good if len(good) else dataset, "completion_ids")  # no good answer in a split: all its answers
 
 
 def describe(report: dict) -> str:

@@ -21,6 +21,7 @@ from qtune.data.prepared import (
     cache_note,
     column,
     length_histogram,
+    lm_rows,
     source_counts,
     splits,
     streamed_line,
@@ -332,14 +333,7 @@ def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
 def as_lm_samples(dataset):
     """The pairs' prompt + chosen answer as language-model rows (input_ids, labels on the answer): what export
     fidelity, `qtune eval` and the run page's generations read."""
-
-    def join(batch):
-        pairs = list(zip(batch["prompt_ids"], batch["chosen_ids"]))
-        return {"input_ids": [p + c for p, c in pairs], "labels": [[-100] * len(p) + c for p, c in pairs]}
-
-    return dataset.map(
-        join, batched=True, remove_columns=dataset.column_names, new_fingerprint="lm-" + dataset._fingerprint
-    )
+    return lm_rows(dataset, "chosen_ids")
 
 
 def describe(report: dict) -> str:

@@ -343,3 +343,16 @@ def length_histogram(lengths, max_length: int, bins: int = 16) -> dict:
     edges = list(range(0, width * bins + 1, width))
     counts = np.bincount(np.minimum(np.asarray(lengths, dtype=np.int64) // width, bins - 1), minlength=bins)
     return {"edges": edges, "counts": [int(c) for c in counts]}
+
+
+def lm_rows(dataset, answer_column: str):
+    """prompt_ids + the `answer_column` ids of each sample as language-model rows (input_ids, labels on the answer
+    only): what export fidelity, `qtune eval` and the run page's generations read of a kind with separate answers."""
+
+    def join(batch):
+        rows = list(zip(batch["prompt_ids"], batch[answer_column]))
+        return {"input_ids": [p + a for p, a in rows], "labels": [[-100] * len(p) + a for p, a in rows]}
+
+    return dataset.map(
+        join, batched=True, remove_columns=dataset.column_names, new_fingerprint="lm-" + dataset._fingerprint
+    )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from qtune.core.errors import DataError, RecipeError
 from qtune.data.pairs import turns
-from qtune.data.prepared import DataKind, PreparedData
+from qtune.data.prepared import DataKind, PreparedData, lm_rows
 from qtune.data.readers import normalized_rows, read_rows
 from qtune.data.templates import prompt_style, renderer
 
@@ -126,12 +126,7 @@ def build(data: DataSection, tokenizer, *, seed: int) -> PreparedData:
 def as_lm_samples(dataset):
     """The prompts with their reference answers as language-model rows (input_ids, labels on the answer): what
     export fidelity, `qtune eval` and the run page's generations read."""
-
-    def join(batch):
-        rows = list(zip(batch["prompt_ids"], batch["answer_ids"]))
-        return {"input_ids": [p + a for p, a in rows], "labels": [[-100] * len(p) + a for p, a in rows]}
-
-    return dataset.map(join, batched=True, remove_columns=dataset.column_names)
+    return lm_rows(dataset, "answer_ids")
 
 
 def describe(report: dict) -> str:

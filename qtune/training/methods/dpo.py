@@ -60,15 +60,6 @@ def trainer_settings(recipe) -> dict:
     }
 
 
-def describe_setup(recipe) -> str:
-    """The reference model DPO compares with."""
-    if recipe.model.adapter:
-        reference = f"the loaded adapter {recipe.model.adapter}, frozen (a second LoRA copy on the same 4-bit base)"
-    else:
-        reference = "the same 4-bit base with the adapter switched off (no second copy)"
-    return f"train: dpo, reference: {reference}"
-
-
 def sequences_in_flight(recipe) -> int:
     """A pair's chosen and rejected sequences at a time; with trl's "sft" term (a mean over the whole batch's answer
     tokens) trl's batched step runs as it is, every pair of the micro-batch at once. The reference pass runs without
@@ -101,7 +92,7 @@ DPO = TrainingMethod(
         "method": "dpo",
         "reference_is_adapter": continues_adapter,
     },
-    describe_setup=describe_setup,
+    describe_setup=preference.reference_setup,
     sequences_in_flight=sequences_in_flight,
     in_flight="preference pairs: {sequences} sequences, chosen and rejected, of up to {tokens} tokens at a time",
     extra_memory=adds_no_memory,

@@ -76,25 +76,9 @@ def trainer():
     return QtuneKTOTrainer
 
 
-def describe_setup(recipe) -> str:
-    """The reference model KTO compares with."""
-    if recipe.model.adapter:
-        reference = f"the loaded adapter {recipe.model.adapter}, frozen (a second LoRA copy on the same 4-bit base)"
-    else:
-        reference = "the same 4-bit base with the adapter switched off (no second copy)"
-    return f"train: kto, reference: {reference}"
-
-
 def metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
-    """Rewards, log-probs and KL of good and bad answers: on validation before training (step 0) and after, and on
-    the training batches of the last logged step."""
-    last_train = next((h for h in reversed(history) if "rewards/chosen" in h and "loss" in h), {})
-    out = {}
-    for logged, name in KTO_METRICS.items():
-        out[f"eval_{name}_before"] = before.get(f"eval_{logged}_before")
-        out[f"eval_{name}"] = final_eval.get(f"eval_{logged}")
-        out[f"train_{name}"] = last_train.get(logged)
-    return out
+    """Rewards, log-probs and KL of good and bad answers (preference.renamed_metrics)."""
+    return preference.renamed_metrics(KTO_METRICS, "rewards/chosen", history, before, final_eval)
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str]]:
@@ -137,7 +121,7 @@ KTO = TrainingMethod(
         "reference_is_adapter": continues_adapter,
         "weights": (recipe.kto.desirable_weight, recipe.kto.undesirable_weight),
     },
-    describe_setup=describe_setup,
+    describe_setup=preference.reference_setup,
     # the micro-batch's answers at once (trl's batched step); the KL and reference passes keep no activations
     sequences_in_flight=lambda recipe: recipe.train.micro_batch_size,
     in_flight="labelled answers: the micro-batch's {sequences} sequences of up to {tokens} tokens at a time; the KL and reference passes keep no activations",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from trl import KTOTrainer
 
 from qtune.core.log import get_logger
+from qtune.data.prepared import column
 from qtune.training.methods.base_trainer import QtuneTrainerMixin, exact_trainable_values
 from qtune.training.methods.preference_trainer import REFERENCE_ADAPTER
 
@@ -47,7 +48,7 @@ class QtuneKTOTrainer(QtuneTrainerMixin, KTOTrainer):
         """qtune.data.labelled tokenized and checked the answers already; what trl adds is each answer's KL mismatch:
         the answers rotated by one within each micro-batch, so that every prompt meets another prompt's answer."""
         if dataset_name == "train" and hasattr(dataset, "__len__"):
-            good = int(sum(dataset["label"]))
+            good = int(column(dataset, "label").sum())  # the Arrow column, not a Python list of every row
             advice = weights_advice(good, len(dataset) - good, *self.weights)
             if advice:
                 log.warning(advice)

@@ -44,16 +44,30 @@ def trainer():
     return QtunePreferenceTrainer
 
 
-def metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
-    """Reward accuracy, margin, rewards and log-probs: on validation before training (step 0) and after, and on the
-    training batches of the last logged step."""
-    last_train = next((h for h in reversed(history) if ACCURACY in h and "loss" in h), {})
+def renamed_metrics(names: dict[str, str], marker: str, history: list[dict], before: dict, final_eval: dict) -> dict:
+    """trl's logged figures under metrics.json's `names`: on validation before training (step 0) and after, and on
+    the training batches of the last logged step that has `marker`."""
+    last_train = next((h for h in reversed(history) if marker in h and "loss" in h), {})
     out = {}
-    for logged, name in PREFERENCE_METRICS.items():
+    for logged, name in names.items():
         out[f"eval_{name}_before"] = before.get(f"eval_{logged}_before")
         out[f"eval_{name}"] = final_eval.get(f"eval_{logged}")
         out[f"train_{name}"] = last_train.get(logged)
     return out
+
+
+def metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
+    """Reward accuracy, margin, rewards and log-probs (renamed_metrics)."""
+    return renamed_metrics(PREFERENCE_METRICS, ACCURACY, history, before, final_eval)
+
+
+def reference_setup(recipe) -> str:
+    """The line said before training of a method with a reference: which model that is."""
+    if recipe.model.adapter:
+        reference = f"the loaded adapter {recipe.model.adapter}, frozen (a second LoRA copy on the same 4-bit base)"
+    else:
+        reference = "the same 4-bit base with the adapter switched off (no second copy)"
+    return f"train: {recipe.train.method}, reference: {reference}"
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str]]:

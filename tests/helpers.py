@@ -300,14 +300,23 @@ def trained_sequence(folder: Path) -> dict[int, list[str]]:
     return final
 
 
-def assert_kill_9_then_resume_is_bit_identical(recipe_in, folder: Path, step: int) -> None:
+def assert_kill_9_then_resume_is_bit_identical(recipe_in, folder: Path, step: int, stop_at: int | None = None) -> None:
     """`recipe_in(folder)` writes a recipe of STEPS steps into `folder`: run it uninterrupted, then again killed at
-    `step` and resumed, and compare adapters and the batches of every step."""
+    `step` and resumed (with `stop_at`: resumed, stopped by SIGTERM at that step, which exits 75 and says --resume,
+    and resumed again), and compare adapters and the batches of every step."""
+    import signal
+
     reference = recipe_in(folder / "reference")
     done = finish(reference)
     assert done.returncode == 0, done.stderr[-2000:]
     recipe = recipe_in(folder / "killed")
     assert kill_at_step(recipe, step) == -9
+    if stop_at is not None:
+        process = start(recipe, "--resume")
+        wait_for_step(process, recipe, stop_at)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 75
+        assert "--resume" in process.stderr.read().strip().splitlines()[-1]
     done = finish(recipe, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_as_reference(

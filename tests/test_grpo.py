@@ -147,10 +147,18 @@ def test_grpo_raises_the_reward_it_is_given(tmp_path, pretrained_llama, run_cli)
         data,
         tmp_path / "run",
         train={"max_steps": 30, "eval_steps": 30, "save_steps": 100, "logging_steps": 1, "lr": 5e-3},
+        grpo={"completions_every": 10},
     )
     code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    kept = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in kept] == [1, 10, 20, 30]
+    for entry in kept:
+        assert "Name a word." in entry["prompt"] and len(entry["completions"]) == 4
+        assert all(set(c["rewards"]) == {"length"} and c["rewards"]["length"] <= 0 for c in entry["completions"])
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Completions during training" in page and "<h3>step 20</h3>" in page
     curve = [reward for _, reward in metrics["reward_curve"]]
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     print("mean reward, first 5 steps", first, "last 5", last, "length", metrics["train_completion_length"])
@@ -162,7 +170,38 @@ def test_grpo_raises_the_reward_it_is_given(tmp_path, pretrained_llama, run_cli)
     assert "step 30: eval reward" in out + err and "mean reward, first -> last logged step" in out + err
 
 
-def test_a_grpo_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama):
+def test_grpo_raises_the_greedy_exact_answers_on_the_validation_prompts(tmp_path, pretrained_llama, run_cli):
+    """An exact answer the model samples sometimes but never says greedily (a completion that starts with '.'): after
+    GRPO its greedy answers to the held-out prompts are right, by far more than two standard errors, and the share of
+    sampled completions rewarded rises."""
+    from qtune.data.templates import alpaca_prompt
+
+    rows = [{"prompt": alpaca_prompt("Name a word.", str(i)), "answer": "."} for i in range(200)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    first_character = [{"function": "exact_match", "pattern": r"^(\S)", "normalize": False}]
+    raw = grpo_recipe(
+        pretrained_llama,
+        data,
+        tmp_path / "run",
+        grpo={"rewards": first_character, "num_generations": 8, "max_completion_length": 2},
+        data={"val_size": 40},
+        train={"max_steps": 30, "micro_batch_size": 32, "eval_steps": 30, "save_steps": 100, "lr": 5e-3},
+    )
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    before, after = metrics["eval_reward_exact_match_before"], metrics["eval_reward_exact_match"]
+    standard_error = math.sqrt(0.25 / 40)  # the largest a share of 40 answers can have
+    print("greedy exact answers", before, "->", after, "sampled", metrics["reward_curve"])
+    assert after - before > 2 * standard_error and metrics["eval_reward_before"] == before
+    curve = [reward for _, reward in metrics["reward_curve"]]
+    assert sum(curve[-10:]) > sum(curve[:10])
+    assert f"exact answers (greedy) on the validation prompts, before -> after: {before:.3f} -> {after:.3f}" in out
+    assert "Tried to track the number of tokens seen" not in out + err  # the Trainer's warning at every step
+    assert metrics["train_tokens"] > 30 * 32 * 100  # trl's count: every prompt (100+ tokens) with its completion
+
+
+def test_a_grpo_run_killed_then_stopped_resumes_bit_identically(tmp_path, tiny_llama):
     from helpers import STEPS, assert_kill_9_then_resume_is_bit_identical
 
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(100, numbered=True))  # each step's prompts told apart
@@ -172,7 +211,17 @@ def test_a_grpo_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama):
         train = {"max_steps": STEPS, "save_steps": 1, "keep_checkpoints": 2, "eval_steps": None}
         return write_recipe(folder / "r.yaml", grpo_recipe(tiny_llama, data, folder / "run", train=train))
 
-    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 5)
+    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 5, stop_at=12)
+
+
+def test_changed_rewards_or_groups_are_a_changed_recipe_for_resume():
+    from qtune.training.resume import recipe_differences
+
+    raw = grpo_recipe("m", "p.jsonl", "o")
+    changed = grpo_recipe("m", "p.jsonl", "o", grpo={"num_generations": 8})
+    changed["grpo"]["rewards"] = [{"function": "length", "target": 4, "weight": 2.0}]
+    said = recipe_differences(validate_recipe(raw), validate_recipe(changed))
+    assert "grpo.num_generations: 4 -> 8" in said and any(line.startswith("grpo.rewards") for line in said), said
 
 
 def test_the_plan_counts_generation_and_the_completions_logits(tmp_path, pretrained_llama):

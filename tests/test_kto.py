@@ -171,7 +171,16 @@ def test_the_plan_counts_the_micro_batchs_answers(tmp_path, pretrained_llama, la
 # --------------------------------------------------------------------------- survival
 
 
-def test_a_kto_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama, labelled_file):
+def test_changed_answer_weights_are_a_changed_recipe_for_resume():
+    from qtune.config.recipe import validate_recipe
+    from qtune.training.resume import recipe_differences
+
+    raw = kto_recipe("m", "l.jsonl", "o")
+    changed = kto_recipe("m", "l.jsonl", "o", kto={"desirable_weight": 1.5})
+    assert recipe_differences(validate_recipe(raw), validate_recipe(changed)) == ["kto.desirable_weight: 1.0 -> 1.5"]
+
+
+def test_a_kto_run_killed_then_stopped_resumes_bit_identically(tmp_path, tiny_llama, labelled_file):
     from helpers import STEPS, assert_kill_9_then_resume_is_bit_identical
 
     def recipe_in(folder):
@@ -179,4 +188,4 @@ def test_a_kto_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama, la
         train = {"max_steps": STEPS, "save_steps": 1, "keep_checkpoints": 2, "eval_steps": None}
         return write_recipe(folder / "r.yaml", kto_recipe(tiny_llama, labelled_file, folder / "run", train=train))
 
-    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 7)
+    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 7, stop_at=14)

@@ -39,6 +39,7 @@ EXPORT_REPORT = "export_report.json"
 HISTORY = "history.json"  # the Trainer's log history: every logged loss, learning rate and evaluation
 GENERATIONS = "generations.json"  # a few validation prompts answered by the base and the fine-tuned model
 REPORT_PAGE = "report.html"
+COMPLETIONS = "completions.jsonl"  # GRPO: a few sampled completions with their rewards, every grpo.completions_every
 SAMPLE_TRACE = "sample_trace"
 
 # Everything qtune writes into a run folder (wandb and tensorboard are told to write there too).
@@ -57,6 +58,7 @@ RUN_ENTRIES = frozenset(
         EXPORT,
         HISTORY,
         GENERATIONS,
+        COMPLETIONS,
         REPORT_PAGE,
         SAMPLE_TRACE,
         "tensorboard",

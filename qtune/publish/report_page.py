@@ -17,6 +17,7 @@ import yaml
 from qtune.config.recipe import Recipe, validate_recipe
 from qtune.core.folders import (
     CHECKPOINTS,
+    COMPLETIONS,
     EVAL_REPORT,
     EXPORT,
     EXPORT_REPORT,
@@ -53,6 +54,11 @@ def build_report(run_dir: str | Path) -> Path:
         ("Data", data_section(metrics.get("data") or {})),
         ("Training", training_section(recipe, metrics, history, run_dir)),
         ("Generations before and after", generations_section(read(GENERATIONS))),
+        *(
+            [("Completions during training", completions_section(read_json_lines(run_dir / COMPLETIONS)))]
+            if (run_dir / COMPLETIONS).is_file()
+            else []
+        ),
         ("Exports", exports_section(read_json(run_dir / EXPORT / EXPORT_REPORT))),
         ("Evaluation", eval_section(read(EVAL_REPORT))),
         ("Environment", environment_section(metrics)),
@@ -258,6 +264,31 @@ def generations_section(generations: dict | None) -> str:
     )
 
 
+def completions_section(entries: list[dict]) -> str:
+    """GRPO's sampled completions of one prompt, with their rewards and advantages, at the steps they were kept (a
+    step kept twice, by a run resumed after it, shows its last)."""
+    by_step = {entry["step"]: entry for entry in entries if isinstance(entry, dict) and "step" in entry}
+    if not by_step:
+        return "<p class=muted>No completions were kept.</p>"
+    out = [
+        "<p class=muted>A prompt of the step and completions sampled for it, with each reward function's score and the "
+        "advantage it was trained with (reward against its group's).</p>"
+    ]
+    for step in sorted(by_step):
+        entry = by_step[step]
+        rows = "".join(
+            f'<tr><td class="text">{esc(c["text"])}</td><td>'
+            + esc(", ".join(f"{name} {fmt(value, '.3g')}" for name, value in c["rewards"].items()))
+            + f"</td><td class=num>{fmt(c.get('advantage'), '+.3f')}</td></tr>"
+            for c in entry["completions"]
+        )
+        out.append(
+            f"<h3>step {step}</h3><pre>{esc(entry['prompt'][-400:])}</pre>"
+            "<table><tr><th>completion</th><th>rewards</th><th>advantage</th></tr>" + rows + "</table>"
+        )
+    return "".join(out)
+
+
 def exports_section(report: dict | None) -> str:
     """The exports' fidelity table and the size-against-KL chart."""
     if not report:
@@ -418,6 +449,21 @@ def read_json(path: Path) -> dict | list | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_json_lines(path: Path) -> list:
+    """A JSON-lines file's entries (a line cut short by a killed run is skipped), or [] when it is missing."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
 
 
 def esc(text) -> str:

@@ -68,6 +68,9 @@ class GrpoSection(Section):
     """Divide advantages by the group's reward std (group), the batch's (batch), or not (none: Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions cut at max_completion_length out of the loss (DAPO)."""
+    completions_every: int = Field(50, ge=0)
+    """Every this many steps (and at the first logged one), a prompt's sampled completions with their rewards go to
+    the run's completions.jsonl and page; 0: none."""
 
     @field_validator("reference_pattern")
     @classmethod
@@ -116,8 +119,8 @@ def check_rewards_on_rows(recipe, data) -> None:
     from qtune.training.rewards import build_reward
 
     section = recipe.grpo
-    rows = data.train.select(range(min(ROWS_CHECKED, len(data.train))))
-    columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
+    rows = list(data.train.take(ROWS_CHECKED))  # a Dataset's first rows, or a stream's (data.streaming)
+    columns = {name: [row[name] for row in rows] for name in rows[0] if name != "prompt"}
     for spec in section.rewards:
         where = f"grpo.rewards: {spec.function}"
         try:
@@ -126,8 +129,8 @@ def check_rewards_on_rows(recipe, data) -> None:
             raise DataError(f"{where} cannot be loaded: {type(e).__name__}: {e}", fix="check the module") from None
         try:
             values = reward(
-                prompts=list(rows["prompt"]),
-                completions=list(rows["answer"]),
+                prompts=[row["prompt"] for row in rows],
+                completions=columns["answer"],
                 completion_ids=columns["answer_ids"],
                 **columns,
             )
@@ -173,12 +176,14 @@ def trainer_config():
 
 def trainer_settings(recipe) -> dict:
     """GRPOConfig's fields from the grpo section: one generation round per optimizer step (the step's completions are
-    generated when it starts, so a resume at a step boundary regenerates exactly), no dropout."""
+    generated when it starts, so a resume at a step boundary regenerates exactly), no dropout, one greedy answer per
+    validation prompt (qtune's trainer generates greedily while evaluating)."""
     section = recipe.grpo
     return {
         "disable_dropout": True,
         "remove_unused_columns": False,
         "num_generations": section.num_generations,
+        "num_generations_eval": 1,
         "max_completion_length": section.max_completion_length,
         "temperature": section.temperature,
         "top_p": section.top_p,
@@ -202,11 +207,14 @@ def trainer():
 
 
 def trainer_options(recipe, tokenizer, continues_adapter) -> dict:
-    """The reward functions, built from the recipe (a user's own imported now)."""
+    """The reward functions, built from the recipe (a user's own imported now), and how often completions are kept."""
     from qtune.training.rewards import build_reward
 
     section = recipe.grpo
-    return {"reward_funcs": [build_reward(spec, section.reference_pattern) for spec in section.rewards]}
+    return {
+        "reward_funcs": [build_reward(spec, section.reference_pattern) for spec in section.rewards],
+        "completions_every": section.completions_every,
+    }
 
 
 def describe_setup(recipe) -> str:
@@ -243,14 +251,21 @@ def metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
         if name.startswith("rewards/") and name.endswith("/mean"):
             out[f"train_reward_{name.split('/')[1]}"] = last[name]
     out["reward_curve"] = [(h.get("step"), h["reward"]) for h in logged]
-    out["eval_reward_before"] = before.get("eval_reward_before")
-    out["eval_reward"] = final_eval.get("eval_reward")
+    # the greedy answers to the validation prompts, at step 0 and at the end: the reward, and each function's (an
+    # exact_match reward's mean is the share of exact answers)
+    for values, suffix in ((before, "_before"), (final_eval, "")):
+        out[f"eval_reward{suffix}"] = values.get(f"eval_reward{suffix}")
+        for key, value in values.items():
+            name = key.removesuffix(suffix)
+            if name.startswith("eval_rewards/") and name.endswith("/mean"):
+                out[f"eval_reward_{name.split('/')[1]}{suffix}"] = value
     return out
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str]]:
-    """The mean reward and the share of all-equal groups, first logged step -> last."""
-    return [
+    """The mean reward and the share of all-equal groups, first logged step -> last; the greedy answers' reward (and
+    exact answers) on the validation prompts, before training -> after."""
+    rows = [
         (
             "mean reward, first -> last logged step",
             f"{fmt(metrics.get('train_reward_first'))} -> {fmt(metrics.get('train_reward'))}",
@@ -261,6 +276,22 @@ def result_rows(metrics: dict) -> list[tuple[str, str]]:
             f"{fmt(metrics.get('train_groups_all_equal'), '.2f')}",
         ),
     ]
+    if metrics.get("eval_reward") is not None:
+        rows.append(
+            (
+                "greedy answers' mean reward on the validation prompts, before -> after",
+                f"{fmt(metrics.get('eval_reward_before'), '.3f')} -> {fmt(metrics.get('eval_reward'), '.3f')}",
+            )
+        )
+    if metrics.get("eval_reward_exact_match") is not None:
+        rows.append(
+            (
+                "exact answers (greedy) on the validation prompts, before -> after",
+                f"{fmt(metrics.get('eval_reward_exact_match_before'), '.3f')} -> "
+                f"{fmt(metrics.get('eval_reward_exact_match'), '.3f')}",
+            )
+        )
+    return rows
 
 
 def card_description(recipe) -> str:

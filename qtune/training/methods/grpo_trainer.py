@@ -3,28 +3,108 @@ weights), on prompts qtune rendered and tokenized."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 from trl import GRPOTrainer
 
+from qtune.core.folders import COMPLETIONS
 from qtune.training.methods.base_trainer import QtuneTrainerMixin, exact_trainable_values
+from qtune.training.rewards.builtin import completion_text
+
+SHOWN = 4  # completions kept per step: the first prompt's first ones
+TEXT_KEPT = 2000  # characters of a prompt (its end) or a completion kept
+
+
+def keep_completions(logs: dict, group: int, step: int, path: Path) -> None:
+    """Appends the first prompt of trl's logged generations, its first SHOWN completions, their rewards per function
+    and advantages to `path` as one JSON line."""
+    first = list(logs["prompt"])[:group]
+    completions, advantages = list(logs["completion"])[:SHOWN], list(logs["advantages"])[:SHOWN]
+    # a reward that returned None is NaN in trl's logs: null in JSON
+    rewards = {
+        name: [v if math.isfinite(v) else None for v in list(values)[:SHOWN]]
+        for name, values in logs["rewards"].items()
+    }
+    entry = {
+        "step": step,
+        "prompt": str(first[0])[-TEXT_KEPT:],
+        "completions": [
+            {
+                "text": completion_text(text)[:TEXT_KEPT],
+                "rewards": {name: values[i] for name, values in rewards.items()},
+                "advantage": advantages[i] if i < len(advantages) else None,
+            }
+            for i, text in enumerate(completions)
+        ],
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 class QtuneGRPOTrainer(QtuneTrainerMixin, GRPOTrainer):
-    """trl's GRPOTrainer on prompts qtune rendered: each prompt's tokens are qtune's (qtune.data.prompts)."""
+    """trl's GRPOTrainer on prompts qtune rendered: each prompt's tokens are qtune's (qtune.data.prompts), carried
+    with the batch."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, completions_every: int = 0, **kwargs):
         with exact_trainable_values(kwargs["model"], lambda: self.model):
             super().__init__(*args, **kwargs)
-        self.prompt_tokens = {}
-        for split in (self.train_dataset, self.eval_dataset):
-            if split is not None:
-                self.prompt_tokens.update(zip(split["prompt"], split["prompt_ids"]))
+        self.batch_prompt_ids = None
+        self.completions_every = completions_every
+        self.completions_kept_at = None  # the step whose completions were kept last
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """trl's logging; at the first logged training step and then once every completions_every steps, the first
+        prompt of the step's generations with its completions and their rewards appended to the run's
+        completions.jsonl (the run's page shows them)."""
+        training = self.model.training
+        super().log(logs, start_time)
+        step, every = self.state.global_step, self.completions_every
+        if not (training and every and self._logs["prompt"] and self.accelerator.is_main_process):
+            return
+        if self.completions_kept_at is not None and step // every == self.completions_kept_at // every:
+            return
+        self.completions_kept_at = step
+        keep_completions(self._logs, self.num_generations, step, Path(self.args.output_dir).parent / COMPLETIONS)
+
+    def _generate_and_score_completions(self, inputs):
+        """trl's generation and scoring, with the batch's prompt tokens at hand for _tokenize_prompts."""
+        self.batch_prompt_ids = [list(row["prompt_ids"]) for row in inputs]
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self.batch_prompt_ids = None
+
+    def _track_num_input_tokens(self, inputs):
+        """Nothing: the Trainer counts a batch's input_ids, which GRPO's prompt rows have not (it warned at every step);
+        trl counts the prompts and completions once they are generated."""
 
     def _tokenize_prompts(self, prompts: list):
-        """The prompts' tokens as qtune.data.prompts made them (a chat prompt's rendering has its own special tokens;
-        trl would add the tokenizer's again)."""
-        if all(prompt in self.prompt_tokens for prompt in prompts):
-            return [list(self.prompt_tokens[prompt]) for prompt in prompts], None, {}
-        return super()._tokenize_prompts(prompts)
+        """The batch's prompt tokens as qtune.data.prompts made them (a chat prompt's rendering has its own special
+        tokens; trl would add the tokenizer's again)."""
+        if self.batch_prompt_ids is None or len(self.batch_prompt_ids) != len(prompts):
+            raise RuntimeError("qtune's GRPO trainer generates only for batches of its own prompt rows (prompt_ids)")
+        return self.batch_prompt_ids, None, {}
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """trl's generation: sampled while training, greedy while evaluating (one answer per validation prompt, the one
+        a user would get, so eval_reward is the share answered right). vLLM keeps its own sampling."""
+        if self.model.training or self.use_vllm:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        from transformers import GenerationConfig
+
+        sampled = self.generation_config, self.generation_kwargs
+        greedy = dict(self.generation_kwargs, do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+        self.generation_config, self.generation_kwargs = GenerationConfig(**greedy, disable_compile=True), greedy
+        try:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        finally:
+            self.generation_config, self.generation_kwargs = sampled
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """qtune's step (NaN counting, offloading, the tests' trace of the prompts trained on)."""

@@ -81,7 +81,10 @@ LLAMA_32_1B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=True,
 )
-SECTIONS = ("t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16", "moe_30b_a3b", "fsdp_2gpu")
+SECTIONS = (
+    "t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16", "grpo_1b", "moe_30b_a3b",
+    "fsdp_2gpu",
+)  # fmt: skip
 # Qwen3-30B-A3B's shape (tests/model_configs/qwen3-30b-a3b); the kit builds MOE_LAYERS of its 48 layers and scales the
 # measured peak to all of them by the plan
 QWEN3_30B_A3B = dict(
@@ -822,6 +825,49 @@ def section_nan(kit: Kit, base: Path) -> None:
             entry["status"] = "failed"
 
 
+def section_grpo(kit: Kit, base_1b: Path) -> None:
+    """GRPO on the 1B shape: 2 prompts x 8 completions per micro-batch, 2 micro-batches a step, generated with the KV
+    cache on the 4-bit weights; generation's tokens/s and share of the step, the whole step's tokens/s, the peak
+    against the plan (which counts the KV cache and the completions' log-probs)."""
+    from qtune.data.templates import alpaca_prompt
+
+    with kit.section("grpo_1b", 60) as entry:
+        if entry is None:
+            return
+        completion, max_length, steps = (16, 128, 2) if kit.dry_run else (256, 512, 4)
+        rows = [json.loads(line) for line in (kit.work / "data" / "train.jsonl").read_text().splitlines()[:200]]
+        prompts = [{"prompt": alpaca_prompt(r["instruction"], r.get("input", "")), "answer": r["output"]} for r in rows]
+        data = {
+            "datasets": [{"path": str(write_jsonl(kit.work / "grpo.jsonl", prompts)), "format": "prompt_answer"}],
+            "val_size": 0,
+            "max_length": max_length,
+        }
+        raw = recipe(
+            base_1b, kit.work / "grpo-run", data, max_steps=steps, micro_batch_size=16, grad_accum=2, lora_dropout=0.0
+        )
+        raw["train"].update(method="grpo", warmup_ratio=0.0)
+        raw["grpo"] = {
+            "rewards": [{"function": "length", "target": completion // 2}],  # rewards that differ within a group
+            "num_generations": 8,
+            "max_completion_length": completion,
+        }
+        result = kit.qtune("train", write_recipe(kit.work / "grpo.yaml", raw))
+        entry.update(train_figures(kit, raw, result, kit.results["shapes"]["1b"], mean_context=max_length))
+        metrics_file = kit.work / "grpo-run" / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        step_seconds = metrics.get("train_seconds") / steps if metrics.get("train_seconds") else None
+        entry.update(
+            generation_tokens_per_second=metrics.get("generation_tokens_per_second"),
+            generation_seconds_per_step=metrics.get("generation_seconds"),
+            step_seconds=step_seconds,
+            generation_share=(metrics.get("generation_seconds") or 0) / step_seconds if step_seconds else None,
+            completion_length=metrics.get("train_completion_length"),
+            reward_first_last=(metrics.get("train_reward_first"), metrics.get("train_reward")),
+        )
+        if result["code"] != 0 or not entry["generation_tokens_per_second"]:
+            entry["status"] = "failed"
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -907,6 +953,14 @@ def markdown(results: dict) -> str:
     nan = sections.get("nan_fp16", {})
     if "exit" in nan:
         lines.append(f"\nInjected NaN loss: exit {nan['exit']}, checkpoint-2 kept: {nan.get('checkpoint_2_kept')}.")
+    grpo = sections.get("grpo_1b", {})
+    if grpo.get("generation_tokens_per_second"):
+        lines.append(
+            f"\nGRPO, 1B shape, 32 completions per step: generation {grpo['generation_tokens_per_second']:.0f} tok/s "
+            f"({grpo.get('generation_share') or 0:.0%} of a {grpo.get('step_seconds') or 0:.1f} s step), the whole step "
+            f"{grpo.get('tokens_per_second') or 0:.0f} tok/s (prompts and completions); peak {gib(grpo.get('peak_bytes'))} GiB, "
+            f"plan {gib(grpo.get('planned_bytes'))} GiB ({pct(grpo.get('plan_error'))})."
+        )
     moe = sections.get("moe_30b_a3b", {})
     if moe.get("losses"):
         ordered = [moe["losses"][k] for k in sorted(moe["losses"], key=int)]
@@ -993,6 +1047,7 @@ def main() -> int:
                 "export_1b": lambda: section_export(kit, paths["1b"]),
                 "bf16_8b": lambda: section_bf16_8b(kit, paths["8b"]),
                 "nan_fp16": lambda: section_nan(kit, paths["8b"]),
+                "grpo_1b": lambda: section_grpo(kit, paths["1b"]),
                 "moe_30b_a3b": lambda: section_moe(kit),
                 "fsdp_2gpu": lambda: section_fsdp(kit, paths["1b"]),
             }

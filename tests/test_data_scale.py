@@ -443,3 +443,21 @@ def test_text_that_looks_like_dates_stays_text(tmp_path, tok, cache):
     data = DataSection(datasets=[{"path": str(path), "format": "prompt_completion"}], val_size=0)
     train, _ = reference_sft(data, tok, seed=0)
     assert rows_of(sft.build(data, tok, seed=0).train) == train
+
+
+def test_the_code_fingerprint_covers_every_data_module(tmp_path, monkeypatch):
+    """A change to any module of qtune.data (a new data kind's included) makes earlier cache entries unused."""
+    from pathlib import Path
+
+    from qtune.data import tokenized
+
+    copy = tmp_path / "data"
+    shutil.copytree(Path(tokenized.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(tokenized, "__file__", str(copy / "tokenized.py"))
+    before = tokenized.code_fingerprint()
+    for module in sorted(copy.glob("*.py")):
+        original = module.read_text()
+        module.write_text(original + "\n# changed\n")
+        assert tokenized.code_fingerprint() != before, f"{module.name} is not in the fingerprint"
+        module.write_text(original)
+    assert tokenized.code_fingerprint() == before

@@ -40,7 +40,7 @@ def test_the_gpu_kit_dry_run_passes_every_section(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     sections = results["sections"]
     ran = ("environment", "models", "t4_fp16", "context_8b", "side_by_side_1b", "export_1b", "bf16_8b", "nan_fp16",
-           "moe_30b_a3b")  # fmt: skip
+           "grpo_1b", "moe_30b_a3b")  # fmt: skip
     assert {name: s["status"] for name, s in sections.items()} == {**dict.fromkeys(ran, "ok"), "fsdp_2gpu": "skipped"}
     # FSDP needs 2 GPUs (accelerate's FSDP plugin refuses a CPU): skipped, and said why
     assert sections["fsdp_2gpu"]["why"] == "needs 2 GPUs, this machine has 0"
@@ -58,6 +58,8 @@ def test_the_gpu_kit_dry_run_passes_every_section(tmp_path):
     assert fidelity["merged_fp16"]["top1_agreement"] >= 0.999 and fidelity["gguf_q8_0"]["top1_agreement"] >= 0.99
     assert fidelity["gptq_int4"]["top1_agreement"] >= 0.7  # GPTQ through the kit's export, as on the GPU
     assert sections["nan_fp16"]["exit"] == 6 and sections["nan_fp16"]["checkpoint_2_kept"]
+    grpo = sections["grpo_1b"]  # generation timed apart from the step, on the 4-bit weights
+    assert grpo["generation_tokens_per_second"] > 0 and 0 < grpo["generation_share"] < 1 and grpo["peak_bytes"] > 0
     moe = sections["moe_30b_a3b"]
     assert moe["exit"] == 0 and moe["planned_48_layer_bytes"] > moe["planned_bytes"] and moe["losses"]
     report = (out / "gpu_check.md").read_text()

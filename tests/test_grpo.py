@@ -136,6 +136,51 @@ def test_a_reward_that_fails_on_real_rows_is_one_line_before_the_model_loads(
         assert len(err.strip().splitlines()) == 1 and "model: loading" not in out
 
 
+def test_prompts_are_cached_arrow_tables_that_carry_text_and_tokens(tmp_path, tiny_llama, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from qtune.data.prompts import build
+
+    monkeypatch.setenv("QTUNE_DATA_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(50, numbered=True))
+    recipe = validate_recipe(grpo_recipe(tiny_llama, data, tmp_path / "run"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    first, again = build(recipe.data, tokenizer, seed=1), build(recipe.data, tokenizer, seed=1)
+    assert not first.report["sources"][0]["cached"] and again.report["sources"][0]["cached"]
+    assert again.train.column_names == ["prompt", "answer", "prompt_ids", "answer_ids"]
+    assert again.train.cache_files and len(again.train) == 45 and len(again.val) == 5  # memory-mapped Arrow
+    row = again.train[0]
+    assert row["prompt_ids"] == tokenizer(row["prompt"]).input_ids and row == first.train[0]
+
+
+def test_a_streamed_grpo_run_trains_on_prompts_tokenized_as_it_reads(tmp_path, tiny_llama, run_cli):
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(60))
+    raw = grpo_recipe(
+        tiny_llama, data, tmp_path / "run", data={"streaming": True, "val_size": 8}, train={"max_steps": 3}
+    )
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    assert "data: streaming 1 dataset(s)" in out + err and "8 validation prompts" in out + err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and math.isfinite(metrics["eval_reward"])
+
+
+def test_use_vllm_asks_trl_for_colocated_generation_and_is_refused_without_a_gpu(tmp_path, tiny_llama, run_cli):
+    from trl import GRPOConfig
+
+    from qtune.training.methods.grpo import trainer_settings
+
+    raw = grpo_recipe(tiny_llama, write_jsonl(tmp_path / "p.jsonl", prompt_rows(20)), tmp_path / "run")
+    raw["grpo"].update({"use_vllm": True, "vllm_gpu_memory": 0.4})
+    settings = trainer_settings(validate_recipe(raw))
+    config = GRPOConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=8, use_cpu=True, **settings)
+    assert (config.use_vllm, config.vllm_mode, config.vllm_gpu_memory_utilization) == (True, "colocate", 0.4)
+    assert config.vllm_max_model_length == 128  # data.max_length: prompt and completion
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 4 and "grpo.use_vllm needs a CUDA GPU" in err and "set grpo.use_vllm: false" in err, err
+    assert len(err.strip().splitlines()) == 1 and "model: loading" not in out
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -242,6 +287,40 @@ def test_the_plan_counts_generation_and_the_completions_logits(tmp_path, pretrai
     assert plan["parts"]["completion_logits"] == 2 * 8 * 100 * shape.vocab * 4
     without = plan_training(validate_recipe(grpo_recipe(pretrained_llama, data, tmp_path / "r2")), device="cpu")
     assert plan["training_bytes"] > without["training_bytes"]
+
+
+def test_the_plan_says_the_largest_groups_and_completions_each_gpu_fits(run_cli):
+    """qtune plan's GRPO table for the GSM8K recipe on Qwen3-4B's shape: each figure is the boundary of the plan
+    itself (the recipe planned at it fits the GPU, one more does not)."""
+    import re
+
+    from qtune.config.recipe import load_recipe
+    from qtune.planning.plan import GPUS_GIB, plan_training
+
+    # one prompt per step, its 8 completions a micro-batch; activations checkpointed, never offloaded
+    overrides = [
+        "model.name=tests/model_configs/qwen3-4b",
+        "data.max_length=2048",
+        "train.grad_accum=1",
+        "train.offload_activations=false",  # the limits are for the way the recipe keeps activations
+    ]
+    code, out, err = run_cli("plan", "recipes/qwen3-4b-grpo-gsm8k.yaml", *sum((["--set", o] for o in overrides), []))
+    assert code == 0, err
+    table = {m[0]: m[1:] for m in re.findall(r"^  (\S+) +([\d,]+|-) +([\d,]+|-)$", out, flags=re.M)}
+    assert "largest that fit: num_generations at 1 prompt(s) per step" in out and set(GPUS_GIB) <= set(table), out
+
+    def fits(gpu, *changes):
+        recipe = load_recipe("recipes/qwen3-4b-grpo-gsm8k.yaml", [*overrides, *changes])
+        return plan_training(recipe, gpu_gib=GPUS_GIB[gpu], compute_bytes=2)["fits"]
+
+    for gpu in ("t4", "l4"):
+        generations, length = (int(cell.replace(",", "")) for cell in table[gpu])
+        assert 0 < length < 2047 and generations >= 8, (gpu, table[gpu])
+        assert fits(gpu, f"grpo.max_completion_length={length}")
+        assert not fits(gpu, f"grpo.max_completion_length={length + 1}")
+        # more completions at once: a longer generation batch (8 per micro-batch, grad_accum of them)
+        assert fits(gpu, f"train.grad_accum={generations // 8}")
+        assert not fits(gpu, f"train.grad_accum={generations // 8 + 1}")
 
 
 def test_groups_that_keep_teaching_nothing_are_warned_about_once(tmp_path, tiny_llama, run_cli):

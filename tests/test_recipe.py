@@ -257,6 +257,7 @@ MODEL_CONFIGS = REPO / "tests" / "model_configs"  # the shape fields of each mod
         ("qwen2.5-7b-alpaca", "qwen2.5-7b", 7_615_616_512),
         ("gemma-2-9b-chat", "gemma-2-9b", 9_241_705_984),
         ("phi-4-mini-alpaca", "phi-4-mini", 3_836_021_760),
+        ("qwen3-4b-grpo-gsm8k", "qwen3-4b", 4_022_468_096),  # the plan counts generation's KV cache and log-probs
     ],
 )
 def test_the_family_recipes_fit_a_16_gb_card_by_the_plan(recipe_name, config_name, parameters):

@@ -141,6 +141,12 @@ def cmd_plan(args) -> int:
         print(describe_export_peak(config, recipe.export.gptq, inventory(config).total))
     if not args.cpu:
         print("\n".join(context_table(plan)))
+        from qtune.training.methods import method_of
+
+        at_gpu = lambda gib: plan_training(recipe, gpu_gib=gib, compute_bytes=compute_bytes)  # noqa: E731
+        method_lines = method_of(recipe).plan_table(recipe, at_gpu)
+        if method_lines:
+            print("\n".join(method_lines))
     print(
         'note: an estimate, checked against real runs on CPU and on a GPU (bench/README.md, "Memory plan"): short '
         "rows without checkpointing measured 20% above it on a GPU."

@@ -121,6 +121,9 @@ class DataSection(Section):
     """Also compute the loss on prompts / user turns (default: only on completions and assistant turns)."""
     chat_template: str | None = None
     """Jinja chat template for messages/sharegpt data, or 'chatml'. Default: the tokenizer's own."""
+    system_prompt: str | None = None
+    """prompt_answer data only: each text prompt becomes a conversation, this system turn then the prompt as the
+    user's, rendered with the chat template (a chat model's GSM8K questions). Unset: text prompts are kept as written."""
     streaming: bool = False
     """Read the datasets as a stream (Hub or local, bigger than the disk or the memory): tokenized as training reads
     them, nothing cached; needs train.max_steps, and for validation val_datasets or val_size as a count."""
@@ -131,6 +134,12 @@ class DataSection(Section):
             raise ValueError("give either data.val_datasets or data.val_size > 0, not both (set val_size: 0)")
         if self.val_size is not None and self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ValueError(f"data.val_size {self.val_size} is neither a fraction below 1 nor a count of samples")
+        formats = {spec.format for spec in self.datasets + self.val_datasets}
+        if self.system_prompt is not None and formats != {"prompt_answer"}:
+            raise ValueError(
+                f"data.system_prompt turns prompt_answer prompts into conversations; these datasets are "
+                f"{sorted(formats - {'prompt_answer'})}: remove it, or put the system turn in their conversations"
+            )
         if self.streaming and self.val_size is not None and 0 < self.val_size < 1:
             raise ValueError(
                 "data.streaming has no total to take a fraction of: give val_size as a count of samples (e.g. 200), "

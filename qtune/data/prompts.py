@@ -109,6 +109,11 @@ def normalize_rows(rows: list[dict], spec: DatasetSpec) -> list[dict]:
     return normalized_rows(rows, spec, normalize_prompt_answer, column_sources(spec))
 
 
+def as_conversation(prompt: str, system_prompt: str) -> list[dict]:
+    """A text prompt as data.system_prompt makes it: the system turn, then the prompt as the user's."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+
+
 def tokenize_prompt(row: dict, tokenizer, render: Callable | None) -> tuple[str, list[int], list[int]]:
     """(the prompt as the model reads it, its ids, the reference answer's ids + EOS): text is kept as written, turns are
     rendered with the chat template and the assistant's opening."""
@@ -133,6 +138,8 @@ def batch_function(spec: DatasetSpec, tokenizer, data: DataSection, render: Call
             row = {name: values[position] for name, values in batch.items()}
             try:
                 checked = normalize_prompt_answer(row, source)
+                if data.system_prompt is not None and isinstance(checked["prompt"], str):
+                    checked["prompt"] = as_conversation(checked["prompt"], data.system_prompt)
                 if render is None and isinstance(checked["prompt"], list):
                     raise RecipeError(
                         f"the tokenizer has no chat template for conversation prompts ({spec.path})",
@@ -175,6 +182,7 @@ def tokenization(data: DataSection, tokenizer) -> Tokenization:
         settings={
             "max_length": data.max_length,
             "chat_template": template,
+            "system_prompt": data.system_prompt,
             "tokenizer": tokenizer_fingerprint(tokenizer),
         },
     )

@@ -238,9 +238,15 @@ def plan_training(
     }
     # What does not grow with max_length, and what each token of the row in flight adds, for each way of keeping
     # activations: the largest max_length that fits any memory (qtune plan's table of GPUs).
-    result["bytes_fixed"] = fixed - tokens * loss_per_token
+    # what the method adds per token of max_length (GRPO's KV cache holds every completion's max_length tokens): the
+    # slope to 16x the length, exact at this length and where the growing part has taken over
+    longer = recipe.data.max_length * 16
+    at_longer = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": longer})})
+    method_at_longer = sum(method_of(recipe).extra_memory(at_longer, shape, compute_bytes).values())
+    method_per_token = (method_at_longer - sum(method_parts.values())) / (longer - recipe.data.max_length)
+    result["bytes_fixed"] = fixed - tokens * loss_per_token - method_per_token * recipe.data.max_length
     # per token of max_length: each of the sequences in flight holds that many
-    result["bytes_per_token"] = {m: (per_token[m] + loss_per_token) * sequences for m in per_token}
+    result["bytes_per_token"] = {m: (per_token[m] + loss_per_token) * sequences + method_per_token for m in per_token}
     result["score_bytes_per_token_squared"] = {m: scores[m] / recipe.data.max_length**2 for m in scores}
     result["sequences_in_flight"] = sequences
     result["in_flight"] = method_of(recipe).in_flight.format(

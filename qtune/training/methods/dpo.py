@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from qtune.core.schema import Section
 from qtune.data.pairs import PAIR_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod, adds_no_memory, says_nothing
+from qtune.training.methods.method import TrainingMethod, adds_no_memory, no_plan_table, says_nothing
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "apo_zero", "apo_down", "sft")
 
@@ -96,6 +96,7 @@ DPO = TrainingMethod(
     sequences_in_flight=sequences_in_flight,
     in_flight="preference pairs: {sequences} sequences, chosen and rejected, of up to {tokens} tokens at a time",
     extra_memory=adds_no_memory,
+    plan_table=no_plan_table,
     language_model_loss=False,
     metrics=preference.metrics,
     result_rows=preference.result_rows,

@@ -68,6 +68,12 @@ class GrpoSection(Section):
     """Divide advantages by the group's reward std (group), the batch's (batch), or not (none: Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions cut at max_completion_length out of the loss (DAPO)."""
+    use_vllm: bool = False
+    """Generate with vLLM in trl's colocate mode (a CUDA GPU and `pip install vllm`): faster generation from vLLM's own
+    16-bit copy of the weights, synced with the adapter every step, beside the 4-bit model training. Evaluation is
+    then sampled as training is, not greedy."""
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1)
+    """use_vllm: the share of the GPU's memory vLLM takes for its weights and KV cache (outside qtune's plan)."""
     completions_every: int = Field(50, ge=0)
     """Every this many steps (and at the first logged one), a prompt's sampled completions with their rewards go to
     the run's completions.jsonl and page; 0: none."""
@@ -108,6 +114,34 @@ def check_recipe(recipe) -> str | None:
 
 
 ROWS_CHECKED = 4
+
+
+def check_before_loading(recipe, data) -> None:
+    """What GRPO checks once the data are read, before the model loads: vLLM where it is asked for, then every reward
+    on real rows."""
+    if recipe.grpo.use_vllm:
+        vllm_problem()
+    check_rewards_on_rows(recipe, data)
+
+
+def vllm_problem() -> None:
+    """An EnvironmentProblem (one line) when grpo.use_vllm cannot run here: no CUDA GPU, or no vllm package."""
+    import importlib.util
+
+    import torch
+
+    from qtune.core.errors import EnvironmentProblem
+
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem(
+            "grpo.use_vllm needs a CUDA GPU; this machine has none",
+            fix="set grpo.use_vllm: false (generation then runs in transformers, on the 4-bit weights)",
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise EnvironmentProblem(
+            "grpo.use_vllm needs the vllm package, which is not installed",
+            fix="pip install vllm (a version trl supports), or set grpo.use_vllm: false",
+        )
 
 
 def check_rewards_on_rows(recipe, data) -> None:
@@ -167,6 +201,42 @@ def generation_memory(recipe, shape, compute_bytes: int) -> dict[str, int]:
     return {"completion_logits": logits}
 
 
+def generation_limits(recipe, plan_at) -> list[str]:
+    """`qtune plan`'s GRPO table: per GPU, the largest num_generations (at the recipe's prompts per step) and the
+    largest max_completion_length (at its completions per step) that fit, everything else as the recipe has it. The
+    plan at each GPU's memory is linear in both: the KV cache grows with the completions generated at once, the
+    completions' log-probs with their length."""
+    from qtune.modeling.config import load_config
+    from qtune.planning.plan import GPUS_GIB, training_shape
+
+    section, train = recipe.grpo, recipe.train
+    shape = training_shape(load_config(recipe.model.name, recipe.model.revision))
+    prompts = train.micro_batch_size * train.grad_accum // section.num_generations
+    lines = [
+        f"  {'GPU':<12}{'num_generations':>17}{'max_completion_length':>23}   (largest that fit: num_generations at "
+        f"{prompts} prompt(s) per step, max_completion_length at {section.num_generations} per prompt)"
+    ]
+    for name, gib in GPUS_GIB.items():
+        plan = plan_at(gib)
+        compute_bytes = 4 if recipe.quant.compute_dtype == "fp32" else 2
+        kv_per_sequence = 2 * shape.layers * shape.kv_heads * shape.head_dim * compute_bytes * recipe.data.max_length
+        logits_per_token = 2 * train.micro_batch_size * shape.vocab * 4
+        generation = plan["parts"].get("generation_kv_cache", 0) + plan["parts"].get("completion_logits", 0)
+        free = gib * 2**30 - (plan["training_bytes"] - generation)
+        kv_now = kv_per_sequence * train.micro_batch_size * train.grad_accum
+        logits_now = logits_per_token * section.max_completion_length
+        generations = int(free // (kv_per_sequence * prompts)) if free >= logits_now else 0
+        length = min(int(free // logits_per_token), recipe.data.max_length - 1) if free >= kv_now else 0
+        cells = [f"{generations:,}" if generations >= 2 else "-", f"{length:,}" if length > 0 else "-"]
+        lines.append(f"  {name:<12}{cells[0]:>17}{cells[1]:>23}")
+    lines.append(
+        "  -: does not fit at any value; max_completion_length is at most data.max_length - 1; activations kept as the "
+        "plan keeps them for the recipe on that GPU"
+        + ("; vLLM's share (grpo.vllm_gpu_memory) is not in these figures" if section.use_vllm else "")
+    )
+    return lines
+
+
 def trainer_config():
     """trl's GRPOConfig."""
     from trl import GRPOConfig
@@ -196,6 +266,16 @@ def trainer_settings(recipe) -> dict:
         "reward_weights": [spec.weight for spec in section.rewards],
         "steps_per_generation": recipe.train.grad_accum,
         "log_completions": False,
+        **(
+            {
+                "use_vllm": True,
+                "vllm_mode": "colocate",
+                "vllm_gpu_memory_utilization": section.vllm_gpu_memory,
+                "vllm_max_model_length": recipe.data.max_length,
+            }
+            if section.use_vllm
+            else {}
+        ),
     }
 
 
@@ -222,9 +302,14 @@ def describe_setup(recipe) -> str:
     section = recipe.grpo
     rewards = ", ".join(f"{spec.function} x {spec.weight:g}" for spec in section.rewards)
     reference = "the base with the adapter switched off" if section.beta > 0 else "none (beta 0)"
+    generation = (
+        f"; generated by vLLM (colocate, {section.vllm_gpu_memory:.0%} of the GPU besides the plan)"
+        if section.use_vllm
+        else ""
+    )
     return (
         f"train: grpo, {section.num_generations} completions per prompt of up to {section.max_completion_length} "
-        f"tokens, rewards: {rewards}; KL reference: {reference}"
+        f"tokens, rewards: {rewards}; KL reference: {reference}{generation}"
     )
 
 
@@ -251,6 +336,10 @@ def metrics(history: list[dict], before: dict, final_eval: dict) -> dict:
         if name.startswith("rewards/") and name.endswith("/mean"):
             out[f"train_reward_{name.split('/')[1]}"] = last[name]
     out["reward_curve"] = [(h.get("step"), h["reward"]) for h in logged]
+    # generation's cost, over every logged step: seconds per step (one generation round each) and tokens per second
+    for name in ("generation_seconds", "generation_tokens_per_second"):
+        values = [h[name] for h in logged if h.get(name) is not None]
+        out[name] = sum(values) / len(values) if values else None
     # the greedy answers to the validation prompts, at step 0 and at the end: the reward, and each function's (an
     # exact_match reward's mean is the share of exact answers)
     for values, suffix in ((before, "_before"), (final_eval, "")):
@@ -311,7 +400,7 @@ GRPO = TrainingMethod(
     section=GrpoSection,
     data=PROMPT_DATA,
     check_recipe=check_recipe,
-    check_data=check_rewards_on_rows,
+    check_data=check_before_loading,
     lora_dropout=False,
     trainer_config=trainer_config,
     trainer_settings=trainer_settings,
@@ -321,6 +410,7 @@ GRPO = TrainingMethod(
     # a micro-batch's completions with their prompts, each up to max_length
     sequences_in_flight=lambda recipe: recipe.train.micro_batch_size,
     extra_memory=generation_memory,
+    plan_table=generation_limits,
     in_flight="completions: the micro-batch's {sequences} prompts with completions of up to {tokens} tokens at a time",
     language_model_loss=False,
     metrics=metrics,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from trl import GRPOTrainer
@@ -90,7 +91,16 @@ class QtuneGRPOTrainer(QtuneTrainerMixin, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """trl's generation: sampled while training, greedy while evaluating (one answer per validation prompt, the one
         a user would get, so eval_reward is the share answered right). vLLM keeps its own sampling."""
-        if self.model.training or self.use_vllm:
+        if self.model.training:  # timed: generation's share of a step, its tokens per second (metrics.json)
+            started = time.perf_counter()
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+            seconds = time.perf_counter() - started  # the ids are Python lists: the device has finished
+            self._metrics["train"]["generation_seconds"].append(seconds)
+            self._metrics["train"]["generation_tokens_per_second"].append(sum(map(len, completion_ids)) / seconds)
+            return completion_ids, logprobs
+        if self.use_vllm:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )

@@ -11,7 +11,7 @@ from qtune.core.schema import Section
 from qtune.core.text import fmt
 from qtune.data.labelled import LABELLED_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod, adds_no_memory, says_nothing
+from qtune.training.methods.method import TrainingMethod, adds_no_memory, no_plan_table, says_nothing
 
 # trl's logged names -> metrics.json's
 KTO_METRICS = {
@@ -126,6 +126,7 @@ KTO = TrainingMethod(
     sequences_in_flight=lambda recipe: recipe.train.micro_batch_size,
     in_flight="labelled answers: the micro-batch's {sequences} sequences of up to {tokens} tokens at a time; the KL and reference passes keep no activations",
     extra_memory=adds_no_memory,
+    plan_table=no_plan_table,
     language_model_loss=False,
     metrics=metrics,
     result_rows=result_rows,

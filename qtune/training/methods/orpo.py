@@ -9,7 +9,7 @@ from pydantic import Field
 from qtune.core.schema import Section
 from qtune.data.pairs import PAIR_DATA
 from qtune.training.methods import preference
-from qtune.training.methods.method import TrainingMethod, adds_no_memory, says_nothing
+from qtune.training.methods.method import TrainingMethod, adds_no_memory, no_plan_table, says_nothing
 
 
 class OrpoSection(Section):
@@ -40,6 +40,7 @@ ORPO = TrainingMethod(
     sequences_in_flight=lambda recipe: 2,  # a pair's chosen and rejected sequences at a time
     in_flight="preference pairs: {sequences} sequences, chosen and rejected, of up to {tokens} tokens at a time",
     extra_memory=adds_no_memory,
+    plan_table=no_plan_table,
     language_model_loss=False,
     metrics=preference.metrics,
     result_rows=preference.result_rows,

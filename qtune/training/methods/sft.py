@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from qtune.core.text import fmt
 from qtune.data.sft import SFT_DATA
-from qtune.training.methods.method import TrainingMethod, adds_no_memory, says_nothing
+from qtune.training.methods.method import TrainingMethod, adds_no_memory, no_plan_table, says_nothing
 
 
 def trainer_config():
@@ -68,6 +68,7 @@ SFT = TrainingMethod(
     sequences_in_flight=lambda recipe: 1,  # one packed row of at most max_length tokens at a time
     in_flight="activations of one packed row of {total} tokens at a time",
     extra_memory=adds_no_memory,
+    plan_table=no_plan_table,
     language_model_loss=True,
     metrics=lambda history, before, final_eval: router_aux_loss(history),
     result_rows=result_rows,

@@ -153,6 +153,31 @@ def test_prompts_are_cached_arrow_tables_that_carry_text_and_tokens(tmp_path, ti
     assert row["prompt_ids"] == tokenizer(row["prompt"]).input_ids and row == first.train[0]
 
 
+def test_a_system_prompt_turns_text_prompts_into_conversations(tmp_path, tiny_llama, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from qtune.data.prompts import build
+
+    monkeypatch.setenv("QTUNE_DATA_CACHE", str(tmp_path / "cache"))
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(20)]
+    data = write_jsonl(tmp_path / "gsm.jsonl", rows)
+    raw = grpo_recipe(tiny_llama, data, tmp_path / "run", data={"chat_template": "chatml", "val_size": 0})
+    raw["data"]["datasets"][0]["columns"] = {"prompt": "question"}
+    raw["data"]["system_prompt"] = "End with '#### <number>'."
+    prepared = build(validate_recipe(raw).data, AutoTokenizer.from_pretrained(tiny_llama), seed=1)
+    assert prepared.train[3]["prompt"] == (
+        "<|im_start|>system\nEnd with '#### <number>'.<|im_end|>\n<|im_start|>user\nWhat is 3 + 1?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert prepared.report["prompt_style"] == "chat"
+    raw["data"]["system_prompt"] = None  # kept as written otherwise (a new cache entry: the setting is in its key)
+    assert build(validate_recipe(raw).data, AutoTokenizer.from_pretrained(tiny_llama), seed=1).train[3]["prompt"] == (
+        "What is 3 + 1?"
+    )
+    with pytest.raises(RecipeError, match="data.system_prompt turns prompt_answer prompts into conversations"):
+        validate_recipe(recipe_dict("m", "a.jsonl", "o", data={"system_prompt": "Be brief."}))
+
+
 def test_a_streamed_grpo_run_trains_on_prompts_tokenized_as_it_reads(tmp_path, tiny_llama, run_cli):
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(60))
     raw = grpo_recipe(
@@ -244,6 +269,41 @@ def test_grpo_raises_the_greedy_exact_answers_on_the_validation_prompts(tmp_path
     assert f"exact answers (greedy) on the validation prompts, before -> after: {before:.3f} -> {after:.3f}" in out
     assert "Tried to track the number of tokens seen" not in out + err  # the Trainer's warning at every step
     assert metrics["train_tokens"] > 30 * 32 * 100  # trl's count: every prompt (100+ tokens) with its completion
+    # the same path out as every method: generate (as chat loads the run), export, the card
+    code, out, err = run_cli("generate", tmp_path / "run", "--prompt", "Name a word.", "--input", "7")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("."), (out, err)
+    code, _, err = run_cli("export", tmp_path / "run", "--format", "merged_fp16", "--eval-samples", "4")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "run" / "export" / "export_report.json").read_text())["artifacts"]
+    assert rows["merged_fp16"]["top1_agreement"] >= 0.999
+    from qtune.publish.model_card import model_card
+
+    card = model_card(tmp_path / "run", "someone/grpo", ["adapter"], {})
+    assert "GRPO with verifiable rewards (exact_match; 8 completions per prompt, loss dapo, beta 0)" in card
+    assert "exact answers (greedy) on the validation prompts, before -> after" in card
+
+
+def test_the_validation_reward_is_the_mean_over_every_answer(tmp_path, tiny_llama, run_cli, monkeypatch):
+    """10 validation prompts in batches of 8 and 2: a reward of 1 on prompts 0, 3, 6 and 9 means 0.4 (trl's own
+    figure is the mean of its batches' means)."""
+    (tmp_path / "byanswer.py").write_text(
+        "def third(completions, answer, **kw):\n    return [float(int(a.split()[-1]) % 3 == 0) for a in answer]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train, val = write_jsonl(tmp_path / "p.jsonl", prompt_rows(40)), write_jsonl(tmp_path / "v.jsonl", prompt_rows(10))
+    raw = grpo_recipe(
+        tiny_llama,
+        train,
+        tmp_path / "run",
+        grpo={"rewards": [{"function": "python: byanswer:third"}]},
+        data={"val_size": 0, "val_datasets": [{"path": str(val), "format": "prompt_answer"}]},
+        train={"max_steps": 2, "eval_steps": 2},
+    )
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_reward_before"] == pytest.approx(0.4) and metrics["eval_reward"] == pytest.approx(0.4)
+    assert metrics["eval_reward_third"] == pytest.approx(0.4)
 
 
 def test_a_grpo_run_killed_then_stopped_resumes_bit_identically(tmp_path, tiny_llama):

@@ -328,6 +328,30 @@ def test_plan_predicts_the_demo_recipe_within_15_percent(tmp_path):
     assert abs(predicted / measured - 1) < 0.15, (predicted >> 20, measured >> 20)
 
 
+@pytest.mark.slow  # ~1 min
+def test_plan_predicts_the_grpo_demo_recipe_within_15_percent(tmp_path):
+    """recipes/demo-grpo.yaml on a model of the demo's shape, 10 steps: the plan's generation terms (the KV cache of a
+    step's 32 completions, or their log-probs over the vocabulary) against a real run (bench/grpo_cost.py gives the
+    figures beside an SFT step)."""
+    from helpers import write_jsonl
+
+    from qtune.demo.tiny_models import prompt_answer_rows, write_tiny_model
+
+    write_tiny_model(tmp_path / "tiny-llama", "llama")
+    data = write_jsonl(tmp_path / "grpo.jsonl", prompt_answer_rows(400))
+    overrides = [
+        f"model.name={tmp_path / 'tiny-llama'}",
+        "model.adapter=null",  # a fresh adapter: the memory does not care where it starts
+        f"data.datasets=[{{path: {data}, format: prompt_answer}}]",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=10",
+        "train.eval_steps=10",
+        "train.save_steps=10",
+    ]
+    predicted, measured = train_and_compare_with_the_plan(REPO / "recipes" / "demo-grpo.yaml", overrides)
+    assert abs(predicted / measured - 1) < 0.15, (predicted >> 20, measured >> 20)
+
+
 def test_the_cpu_plan_counts_the_tokenizer_and_the_training_runtime(tmp_path, tiny_llama):
     """The terms the real runs showed missing: the tokenizer grows with the vocabulary (Gemma 3's 262k entries:
     330 MiB), and a CPU run's Trainer, optimizer and first-step code pages; neither is GPU memory."""

@@ -143,8 +143,10 @@ def cmd_plan(args) -> int:
         print("\n".join(context_table(plan)))
         from qtune.training.methods import method_of
 
-        at_gpu = lambda gib: plan_training(recipe, gpu_gib=gib, compute_bytes=compute_bytes)  # noqa: E731
-        method_lines = method_of(recipe).plan_table(recipe, at_gpu)
+        plans = {
+            name: plan_training(recipe, gpu_gib=gib, compute_bytes=compute_bytes) for name, gib in GPUS_GIB.items()
+        }
+        method_lines = method_of(recipe).plan_table(recipe, plans)
         if method_lines:
             print("\n".join(method_lines))
     print(

@@ -201,28 +201,24 @@ def generation_memory(recipe, shape, compute_bytes: int) -> dict[str, int]:
     return {"completion_logits": logits}
 
 
-def generation_limits(recipe, plan_at) -> list[str]:
-    """`qtune plan`'s GRPO table: per GPU, the largest num_generations (at the recipe's prompts per step) and the
-    largest max_completion_length (at its completions per step) that fit, everything else as the recipe has it. The
-    plan at each GPU's memory is linear in both: the KV cache grows with the completions generated at once, the
-    completions' log-probs with their length."""
-    from qtune.modeling.config import load_config
-    from qtune.planning.plan import GPUS_GIB, training_shape
-
+def generation_limits(recipe, plans: dict) -> list[str]:
+    """`qtune plan`'s GRPO table: per GPU (`plans`: its name -> the recipe's plan at its memory), the largest
+    num_generations (at the recipe's prompts per step) and the largest max_completion_length (at its completions per
+    step) that fit, everything else as the recipe has it. The plan is linear in both: the KV cache grows with the
+    completions generated at once, the completions' log-probs with their length."""
     section, train = recipe.grpo, recipe.train
-    shape = training_shape(load_config(recipe.model.name, recipe.model.revision))
     prompts = train.micro_batch_size * train.grad_accum // section.num_generations
     lines = [
         f"  {'GPU':<12}{'num_generations':>17}{'max_completion_length':>23}   (largest that fit: num_generations at "
         f"{prompts} prompt(s) per step, max_completion_length at {section.num_generations} per prompt)"
     ]
-    for name, gib in GPUS_GIB.items():
-        plan = plan_at(gib)
+    for name, plan in plans.items():
+        shape = plan["shape"]
         compute_bytes = 4 if recipe.quant.compute_dtype == "fp32" else 2
         kv_per_sequence = 2 * shape.layers * shape.kv_heads * shape.head_dim * compute_bytes * recipe.data.max_length
         logits_per_token = 2 * train.micro_batch_size * shape.vocab * 4
         generation = plan["parts"].get("generation_kv_cache", 0) + plan["parts"].get("completion_logits", 0)
-        free = gib * 2**30 - (plan["training_bytes"] - generation)
+        free = plan["gpu_bytes"] - (plan["training_bytes"] - generation)
         kv_now = kv_per_sequence * train.micro_batch_size * train.grad_accum
         logits_now = logits_per_token * section.max_completion_length
         generations = int(free // (kv_per_sequence * prompts)) if free >= logits_now else 0

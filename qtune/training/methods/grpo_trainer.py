@@ -54,12 +54,35 @@ class QtuneGRPOTrainer(QtuneTrainerMixin, GRPOTrainer):
         self.batch_prompt_ids = None
         self.completions_every = completions_every
         self.completions_kept_at = None  # the step whose completions were kept last
+        self.eval_sums = {}  # metric -> (sum, count) over the evaluation's answers so far
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """trl's rewards; while evaluating, also summed over every validation answer (trl logs the mean of its batches'
+        means, which is not the share answered right when the batches differ in size)."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if not self.model.training:
+            import torch
+
+            scorable = ~torch.isnan(rewards_per_func).all(dim=1)
+            weighted = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+            columns = {"reward": weighted[scorable]}
+            for index, name in enumerate(self.reward_func_names):
+                column = rewards_per_func[:, index]
+                columns[f"rewards/{name}/mean"] = column[~torch.isnan(column)]
+            for key, values in columns.items():
+                total, count = self.eval_sums.get(key, (0.0, 0))
+                self.eval_sums[key] = (total + values.sum().item(), count + values.numel())
+        return rewards_per_func
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        """trl's logging; at the first logged training step and then once every completions_every steps, the first
-        prompt of the step's generations with its completions and their rewards appended to the run's
-        completions.jsonl (the run's page shows them)."""
+        """trl's logging, with the evaluation's rewards as means over every validation answer; at the first logged
+        training step and then once every completions_every steps, the first prompt of the step's generations with
+        its completions and their rewards appended to the run's completions.jsonl (the run's page shows them)."""
         training = self.model.training
+        if not training and self.eval_sums:
+            for key, (total, count) in self.eval_sums.items():
+                self._metrics["eval"][key] = [total / count] if count else []
+            self.eval_sums = {}
         super().log(logs, start_time)
         step, every = self.state.global_step, self.completions_every
         if not (training and every and self._logs["prompt"] and self.accelerator.is_main_process):

@@ -32,7 +32,7 @@ class TrainingMethod:
     describe_setup: Callable  # (recipe) -> the line said before training starts (its reference model), or None
     sequences_in_flight: Callable  # (recipe) -> sequences of up to max_length alive at once in a step (the plan)
     extra_memory: Callable  # (recipe, TrainingShape, compute bytes) -> {plan part: bytes} the method adds (GRPO's)
-    plan_table: Callable  # (recipe, plan_at: GiB -> plan) -> lines `qtune plan` adds per GPU (GRPO's limits), or []
+    plan_table: Callable  # (recipe, {GPU: its plan}) -> lines `qtune plan` adds per GPU (GRPO's limits), or []
     in_flight: str  # what those are, for `qtune plan` ({sequences}, {tokens}: max_length, {total}: both multiplied)
     language_model_loss: bool  # whether its eval_loss is a language-model loss (then perplexity means something)
     metrics: Callable  # (log history, eval before training, final eval) -> what it adds to metrics.json

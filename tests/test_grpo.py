@@ -87,6 +87,16 @@ def test_bad_grpo_settings_are_one_line_before_anything_loads(tmp_path, grpo, tr
     assert message in str(refused.value), str(refused.value)
 
 
+def test_a_grpo_beta_on_another_method_is_refused(tmp_path):
+    """beta > 0 where it means nothing: GRPO's KL weight in a recipe that trains SFT (or KTO's beta under GRPO)."""
+    with pytest.raises(RecipeError) as refused:
+        validate_recipe(recipe_dict("m", "a.jsonl", "o", grpo={"beta": 0.1}))
+    assert "the grpo section is set but train.method is sft: set train.method: grpo" in str(refused.value)
+    with pytest.raises(RecipeError) as refused:
+        validate_recipe({**grpo_recipe("m", "p.jsonl", "o"), "kto": {"beta": 0.5}})
+    assert "the kto section is set but train.method is grpo" in str(refused.value)
+
+
 def prompt_rows(count: int, numbered: bool = False) -> list[dict]:
     from qtune.data.templates import alpaca_prompt
 

@@ -329,6 +329,22 @@ def test_a_grpo_run_killed_then_stopped_resumes_bit_identically(tmp_path, tiny_l
     assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 5, stop_at=12)
 
 
+def test_a_streamed_grpo_run_killed_then_resumed_is_bit_identical(tmp_path, tiny_llama):
+    """A stream has no indices to restore: the resumed run skips the prompts the checkpoint's steps trained on, and
+    trains on the same ones after them."""
+    from helpers import STEPS, assert_kill_9_then_resume_is_bit_identical
+
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(300, numbered=True))
+
+    def recipe_in(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        train = {"max_steps": STEPS, "save_steps": 1, "keep_checkpoints": 2, "eval_steps": None}
+        raw = grpo_recipe(tiny_llama, data, folder / "run", train=train, data={"streaming": True, "val_size": 8})
+        return write_recipe(folder / "r.yaml", raw)
+
+    assert_kill_9_then_resume_is_bit_identical(recipe_in, tmp_path, 5)
+
+
 def test_changed_rewards_or_groups_are_a_changed_recipe_for_resume():
     from qtune.training.resume import recipe_differences
 

@@ -91,8 +91,10 @@ def traced(trainer, run_dir: Path) -> None:
     if not tracing():
         return
     folder = run_dir / "sample_trace"
+    folder.mkdir(parents=True, exist_ok=True)
     rank = trainer.args.process_index
-    trainer.train_dataset = SampleTracer(trainer.train_dataset, folder, rank)
+    if hasattr(trainer.train_dataset, "__len__"):  # a stream has no indices to record (and GRPO needs to see a stream)
+        trainer.train_dataset = SampleTracer(trainer.train_dataset, folder, rank)
     trainer.step_trace = StepTracer(folder / f"steps-rank-{rank}.jsonl")
 
 

@@ -288,6 +288,15 @@ def test_grpo_raises_the_greedy_exact_answers_on_the_validation_prompts(tmp_path
     assert rows["merged_fp16"]["top1_agreement"] >= 0.999
     from qtune.publish.model_card import model_card
 
+    code, out, err = run_cli("eval", tmp_path / "run", "--samples", "8")  # the prompts with their reference answers
+    assert code == 0 and "adapter" in out + err, err
+    from qtune.demo.task import write_choice_task
+
+    task = write_choice_task(tmp_path / "task", count=40)
+    code, out, err = run_cli("eval", tmp_path / "run", "--tasks", task, "--limit", "16", "--batch-size", "16")
+    assert code == 0, err
+    scores = json.loads((tmp_path / "run" / "eval_report.json").read_text())["tasks"]["artifacts"]
+    assert {"base (4-bit)", "adapter", "merged_fp16"} <= set(scores), scores.keys()
     card = model_card(tmp_path / "run", "someone/grpo", ["adapter"], {})
     assert "GRPO with verifiable rewards (exact_match; 8 completions per prompt, loss dapo, beta 0)" in card
     assert "exact answers (greedy) on the validation prompts, before -> after" in card

@@ -302,6 +302,18 @@ def test_grpo_raises_the_greedy_exact_answers_on_the_validation_prompts(tmp_path
     assert "exact answers (greedy) on the validation prompts, before -> after" in card
 
 
+def test_beta_above_zero_measures_the_kl_against_the_base_with_the_adapter_off(tmp_path, pretrained_llama, run_cli):
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(40))
+    train = {"max_steps": 3, "eval_steps": None, "logging_steps": 1, "lr": 5e-3}
+    raw = grpo_recipe(pretrained_llama, data, tmp_path / "run", grpo={"beta": 0.1}, train=train)
+    code, out, err = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    assert "KL reference: the base with the adapter switched off" in out + err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # step 1 starts at the base (LoRA's B is zero): no divergence yet; after two updates at a high rate, some
+    assert metrics["train_kl_first"] == 0 and metrics["train_kl"] > 0, (metrics["train_kl_first"], metrics["train_kl"])
+
+
 def test_the_validation_reward_is_the_mean_over_every_answer(tmp_path, tiny_llama, run_cli, monkeypatch):
     """10 validation prompts in batches of 8 and 2: a reward of 1 on prompts 0, 3, 6 and 9 means 0.4 (trl's own
     figure is the mean of its batches' means)."""

@@ -235,10 +235,16 @@ def test_grpo_raises_the_reward_it_is_given(tmp_path, pretrained_llama, run_cli)
     kept = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in kept] == [1, 10, 20, 30]
     for entry in kept:
-        assert "Name a word." in entry["prompt"] and len(entry["completions"]) == 4
+        assert (
+            "Name a word." in entry["prompt"]
+            and entry["reference"].startswith("#### ")
+            and len(entry["completions"]) == 4
+        )
         assert all(set(c["rewards"]) == {"length"} and c["rewards"]["length"] <= 0 for c in entry["completions"])
     page = (tmp_path / "run" / "report.html").read_text()
-    assert "Completions during training" in page and "<h3>step 20</h3>" in page
+    assert (
+        "Completions during training" in page and "<h3>step 20</h3>" in page and "reference answer: <code>####" in page
+    )
     curve = [reward for _, reward in metrics["reward_curve"]]
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     print("mean reward, first 5 steps", first, "last 5", last, "length", metrics["train_completion_length"])

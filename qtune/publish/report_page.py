@@ -282,8 +282,9 @@ def completions_section(entries: list[dict]) -> str:
             + f"</td><td class=num>{fmt(c.get('advantage'), '+.3f')}</td></tr>"
             for c in entry["completions"]
         )
+        reference = f"<p>reference answer: <code>{esc(entry['reference'])}</code></p>" if entry.get("reference") else ""
         out.append(
-            f"<h3>step {step}</h3><pre>{esc(entry['prompt'][-400:])}</pre>"
+            f"<h3>step {step}</h3><pre>{esc(entry['prompt'][-400:])}</pre>{reference}"
             "<table><tr><th>completion</th><th>rewards</th><th>advantage</th></tr>" + rows + "</table>"
         )
     return "".join(out)

@@ -18,9 +18,9 @@ SHOWN = 4  # completions kept per step: the first prompt's first ones
 TEXT_KEPT = 2000  # characters of a prompt (its end) or a completion kept
 
 
-def keep_completions(logs: dict, group: int, step: int, path: Path) -> None:
-    """Appends the first prompt of trl's logged generations, its first SHOWN completions, their rewards per function
-    and advantages to `path` as one JSON line."""
+def keep_completions(logs: dict, group: int, step: int, reference, path: Path) -> None:
+    """Appends the first prompt of trl's logged generations, its reference answer, its first SHOWN completions, their
+    rewards per function and advantages to `path` as one JSON line."""
     first = list(logs["prompt"])[:group]
     completions, advantages = list(logs["completion"])[:SHOWN], list(logs["advantages"])[:SHOWN]
     # a reward that returned None is NaN in trl's logs: null in JSON
@@ -31,6 +31,7 @@ def keep_completions(logs: dict, group: int, step: int, path: Path) -> None:
     entry = {
         "step": step,
         "prompt": str(first[0])[-TEXT_KEPT:],
+        "reference": None if reference is None else str(reference)[:TEXT_KEPT],
         "completions": [
             {
                 "text": completion_text(text)[:TEXT_KEPT],
@@ -55,6 +56,7 @@ class QtuneGRPOTrainer(QtuneTrainerMixin, GRPOTrainer):
         self.completions_every = completions_every
         self.completions_kept_at = None  # the step whose completions were kept last
         self.eval_sums = {}  # metric -> (sum, count) over the evaluation's answers so far
+        self.first_reference = None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """trl's rewards; while evaluating, also summed over every validation answer (trl logs the mean of its batches'
@@ -90,11 +92,14 @@ class QtuneGRPOTrainer(QtuneTrainerMixin, GRPOTrainer):
         if self.completions_kept_at is not None and step // every == self.completions_kept_at // every:
             return
         self.completions_kept_at = step
-        keep_completions(self._logs, self.num_generations, step, Path(self.args.output_dir).parent / COMPLETIONS)
+        path = Path(self.args.output_dir).parent / COMPLETIONS
+        keep_completions(self._logs, self.num_generations, step, self.first_reference, path)
 
     def _generate_and_score_completions(self, inputs):
         """trl's generation and scoring, with the batch's prompt tokens at hand for _tokenize_prompts."""
         self.batch_prompt_ids = [list(row["prompt_ids"]) for row in inputs]
+        if self.model.training:  # the reference answer of the step's first prompt, for completions.jsonl
+            self.first_reference = inputs[0].get("answer")
         try:
             return super()._generate_and_score_completions(inputs)
         finally:

@@ -36,6 +36,27 @@ def test_exact_match_and_numeric_read_gsm8k_answers():
     assert whole(completions=["  Paris. ", "paris", "Rome"], answer=["paris"] * 3) == [1.0, 1.0, 0.0]
 
 
+def test_the_gsm8k_recipes_rewards_score_gsm8k_rows():
+    """recipes/qwen3-4b-grpo-gsm8k.yaml's rewards on a GSM8K row: the exact final number and the format."""
+    from qtune.config.recipe import load_recipe
+
+    recipe = load_recipe("recipes/qwen3-4b-grpo-gsm8k.yaml", ["model.name=tests/model_configs/qwen3-4b"])
+    section = recipe.grpo
+    exact, form = (build_reward(spec, section.reference_pattern) for spec in section.rewards)
+    answer = [
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    ]
+    completions = [
+        "She sold 24 in May, so 48 + 24 = 72.\n#### 72",  # right, formatted
+        "She sold 24 in May, so 48 + 24 = 72.\n#### 1,072",  # wrong number
+        "The answer is 72.",  # right number, no format
+        "48 + 24 = 72\n#### 72.\nDone",  # the number is not on the last line
+    ]
+    got = [(exact(completions=[c], answer=answer)[0], form(completions=[c], answer=answer)[0]) for c in completions]
+    assert got == [(1.0, 1.0), (0.0, 1.0), (0.0, 0.0), (1.0, 0.0)], got
+    assert [spec.weight for spec in section.rewards] == [1.0, 0.2]
+
+
 def test_regex_length_contains_and_a_users_own_reward(tmp_path, monkeypatch):
     think = build_reward(spec(function="regex", pattern=r"^<think>.+</think>\s*\S"), None)
     assert think(completions=["<think>a\nb</think> 42", "42", "<think></think>"]) == [1.0, 0.0, 0.0]

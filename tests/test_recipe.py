@@ -287,6 +287,8 @@ def test_the_family_recipes_fit_a_16_gb_card_by_the_plan(recipe_name, config_nam
         ("train.max_seq_length", "data.max_length"),
         ("lora.lora_alpha", "lora.alpha"),
         ("learning_rate", "train.lr"),
+        ("grpo.generation_batch_size", "train.micro_batch_size"),
+        ("grpo.max_prompt_length", "data.max_length"),
     ],
 )
 def test_names_from_trl_and_axolotl_get_a_did_you_mean_to_qtunes(key, qtune_name):

@@ -432,6 +432,8 @@ SYNONYMS = {
     "max_seq_length": "data.max_length",
     "sequence_len": "data.max_length",
     "max_length": "data.max_length",
+    "max_prompt_length": "data.max_length",  # trl's GRPO/DPO: qtune bounds prompt + completion
+    "generation_batch_size": "train.micro_batch_size",  # trl's GRPO: a step generates micro_batch_size x grad_accum
     "lora_r": "lora.r",
     "rank": "lora.r",
     "lora_alpha": "lora.alpha",

@@ -22,6 +22,8 @@ from qtune.data.prepared import (
     column,
     length_histogram,
     lm_rows,
+    mapped_columns,
+    require_columns,
     source_counts,
     splits,
     streamed_line,
@@ -64,27 +66,12 @@ def token_features():
 
 def column_sources(spec: DatasetSpec) -> dict[str, str]:
     """The user's column for prompt, completion and label (data.datasets columns)."""
-    unknown = set(spec.columns) - set(COLUMNS)
-    if unknown:
-        raise RecipeError(
-            f"data.datasets columns maps unknown name(s) {sorted(unknown)} for format kto",
-            fix=f"the kto format uses {list(COLUMNS)}",
-        )
-    return {name: spec.columns.get(name, name) for name in COLUMNS}
+    return mapped_columns(spec, COLUMNS)
 
 
 def check_columns(present, count: int, spec: DatasetSpec) -> None:
     """Refuses an empty source, and one without a prompt, completion or label column (naming the columns it has)."""
-    if not count:
-        raise DataError(f"dataset is empty: {spec.path}", fix="add rows or remove it from data.datasets")
-    source = column_sources(spec)
-    for name in COLUMNS:
-        if source[name] not in present:
-            raise DataError(
-                f"'{source[name]}' is missing; the data has {sorted(present)}",
-                where=spec.path,
-                fix=f"map yours with columns: {{{name}: <your column>}}",
-            )
+    require_columns(present, count, spec, column_sources(spec), COLUMNS)
 
 
 def normalize_labelled(row: dict, source: dict[str, str]) -> dict:

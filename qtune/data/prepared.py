@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qtune.core.errors import DataError
+from qtune.core.errors import DataError, RecipeError
 
 if TYPE_CHECKING:
     from qtune.config.recipe import DataSection
@@ -50,6 +50,31 @@ class Tokenization:
     sample_columns: tuple[str, ...]  # what training reads: the rest is bookkeeping, dropped from the splits
     unit: str  # what one sample is called in messages: "sample", "pair"
     settings: dict  # what else the tokens depend on (max_length, train_on_inputs, chat template, tokenizer, ...)
+
+
+def mapped_columns(spec, names: tuple[str, ...]) -> dict[str, str]:
+    """The user's column for each of a format's `names` (data.datasets columns), refusing a mapping of another name."""
+    unknown = set(spec.columns) - set(names)
+    if unknown:
+        raise RecipeError(
+            f"data.datasets columns maps unknown name(s) {sorted(unknown)} for format {spec.format}",
+            fix=f"the {spec.format} format uses {list(names)}",
+        )
+    return {name: spec.columns.get(name, name) for name in names}
+
+
+def require_columns(present, count: int, spec, source: dict[str, str], required) -> None:
+    """Refuses an empty source, and one without the user's column for each `required` name (naming the columns it
+    has)."""
+    if not count:
+        raise DataError(f"dataset is empty: {spec.path}", fix="add rows or remove it from data.datasets")
+    for name in required:
+        if source[name] not in present:
+            raise DataError(
+                f"'{source[name]}' is missing; the data has {sorted(present)}",
+                where=spec.path,
+                fix=f"map yours with columns: {{{name}: <your column>}}",
+            )
 
 
 def tokenize_sources(specs: list, how: Tokenization) -> list[tuple]:

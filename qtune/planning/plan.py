@@ -249,7 +249,8 @@ def plan_training(
     result["bytes_per_token"] = {m: (per_token[m] + loss_per_token) * sequences + method_per_token for m in per_token}
     result["score_bytes_per_token_squared"] = {m: scores[m] / recipe.data.max_length**2 for m in scores}
     result["sequences_in_flight"] = sequences
-    result["shape"] = shape  # the model's dimensions, for a method's own limits (GRPO's table)
+    result["shape"] = shape  # the model's dimensions and the compute dtype's bytes, for a method's own limits
+    result["compute_bytes"] = compute_bytes
     result["in_flight"] = method_of(recipe).in_flight.format(
         sequences=sequences, tokens=recipe.data.max_length, total=tokens
     )

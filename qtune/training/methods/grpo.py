@@ -187,15 +187,19 @@ def check_rewards_on_rows(recipe, data) -> None:
                 )
 
 
-def generation_memory(recipe, shape, compute_bytes: int) -> dict[str, int]:
-    """What GRPO holds besides the training step, whichever is larger (they are not alive together): the KV cache
-    while the step's completions are generated (every completion of the step at once: micro_batch_size x grad_accum
-    sequences of up to max_length tokens, keys and values of every layer), or the completions' fp32 log-probs over
-    the vocabulary when the micro-batch is scored (the logits and their log-softmax)."""
-    section = recipe.grpo
+def generation_parts(recipe, shape, compute_bytes: int) -> tuple[int, int]:
+    """(KV cache, log-probs) bytes: the KV cache while the step's completions are generated (every completion of the
+    step at once: micro_batch_size x grad_accum sequences of up to max_length tokens, keys and values of every layer),
+    and the completions' fp32 log-probs over the vocabulary when the micro-batch is scored (logits and log-softmax)."""
     sequences = recipe.train.micro_batch_size * recipe.train.grad_accum
     kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * compute_bytes * sequences * recipe.data.max_length
-    logits = 2 * recipe.train.micro_batch_size * section.max_completion_length * shape.vocab * 4
+    logits = 2 * recipe.train.micro_batch_size * recipe.grpo.max_completion_length * shape.vocab * 4
+    return kv_cache, logits
+
+
+def generation_memory(recipe, shape, compute_bytes: int) -> dict[str, int]:
+    """What GRPO holds besides the training step: the larger of generation_parts (they are not alive together)."""
+    kv_cache, logits = generation_parts(recipe, shape, compute_bytes)
     if kv_cache >= logits:
         return {"generation_kv_cache": kv_cache}
     return {"completion_logits": logits}
@@ -213,14 +217,11 @@ def generation_limits(recipe, plans: dict) -> list[str]:
         f"{prompts} prompt(s) per step, max_completion_length at {section.num_generations} per prompt)"
     ]
     for name, plan in plans.items():
-        shape = plan["shape"]
-        compute_bytes = 4 if recipe.quant.compute_dtype == "fp32" else 2
-        kv_per_sequence = 2 * shape.layers * shape.kv_heads * shape.head_dim * compute_bytes * recipe.data.max_length
-        logits_per_token = 2 * train.micro_batch_size * shape.vocab * 4
+        kv_now, logits_now = generation_parts(recipe, plan["shape"], plan["compute_bytes"])
+        kv_per_sequence = kv_now // (train.micro_batch_size * train.grad_accum)
+        logits_per_token = logits_now // section.max_completion_length
         generation = plan["parts"].get("generation_kv_cache", 0) + plan["parts"].get("completion_logits", 0)
         free = plan["gpu_bytes"] - (plan["training_bytes"] - generation)
-        kv_now = kv_per_sequence * train.micro_batch_size * train.grad_accum
-        logits_now = logits_per_token * section.max_completion_length
         generations = int(free // (kv_per_sequence * prompts)) if free >= logits_now else 0
         length = min(int(free // logits_per_token), recipe.data.max_length - 1) if free >= kv_now else 0
         cells = [f"{generations:,}" if generations >= 2 else "-", f"{length:,}" if length > 0 else "-"]

@@ -108,6 +108,26 @@ def test_bad_grpo_settings_are_one_line_before_anything_loads(tmp_path, grpo, tr
     assert message in str(refused.value), str(refused.value)
 
 
+def test_kept_completions_are_the_first_prompts_own_in_groups_smaller_than_four(tmp_path):
+    from collections import deque
+
+    from qtune.training.methods.grpo_trainer import keep_completions
+
+    logs = {
+        "prompt": deque(["p1", "p1", "p2", "p2"]),
+        "completion": deque(["a", "b", "c", "d"]),
+        "rewards": {"exact_match": deque([1.0, float("nan"), 0.0, 0.0])},
+        "advantages": deque([0.7, -0.7, 0.0, 0.0]),
+    }
+    keep_completions(logs, 2, 5, "#### 1", tmp_path / "c.jsonl")
+    entry = json.loads((tmp_path / "c.jsonl").read_text())
+    assert (entry["step"], entry["prompt"], entry["reference"]) == (5, "p1", "#### 1")
+    assert entry["completions"] == [
+        {"text": "a", "rewards": {"exact_match": 1.0}, "advantage": 0.7},
+        {"text": "b", "rewards": {"exact_match": None}, "advantage": -0.7},
+    ]
+
+
 def test_a_grpo_beta_on_another_method_is_refused(tmp_path):
     """beta > 0 where it means nothing: GRPO's KL weight in a recipe that trains SFT (or KTO's beta under GRPO)."""
     with pytest.raises(RecipeError) as refused:

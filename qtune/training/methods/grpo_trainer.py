@@ -19,18 +19,18 @@ TEXT_KEPT = 2000  # characters of a prompt (its end) or a completion kept
 
 
 def keep_completions(logs: dict, group: int, step: int, reference, path: Path) -> None:
-    """Appends the first prompt of trl's logged generations, its reference answer, its first SHOWN completions, their
-    rewards per function and advantages to `path` as one JSON line."""
-    first = list(logs["prompt"])[:group]
-    completions, advantages = list(logs["completion"])[:SHOWN], list(logs["advantages"])[:SHOWN]
+    """Appends the first prompt of trl's logged generations, its reference answer, its first SHOWN completions (of
+    its `group`, which come first), their rewards per function and advantages to `path` as one JSON line."""
+    shown = min(SHOWN, group)  # a group smaller than SHOWN: the next completions answer another prompt
+    completions, advantages = list(logs["completion"])[:shown], list(logs["advantages"])[:shown]
     # a reward that returned None is NaN in trl's logs: null in JSON
     rewards = {
-        name: [v if math.isfinite(v) else None for v in list(values)[:SHOWN]]
+        name: [v if math.isfinite(v) else None for v in list(values)[:shown]]
         for name, values in logs["rewards"].items()
     }
     entry = {
         "step": step,
-        "prompt": str(first[0])[-TEXT_KEPT:],
+        "prompt": str(logs["prompt"][0])[-TEXT_KEPT:],
         "reference": None if reference is None else str(reference)[:TEXT_KEPT],
         "completions": [
             {
